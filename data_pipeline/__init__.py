@@ -1,0 +1,1 @@
+"""EmoBench input pipeline: record validation, media decoding, chat templates, Grain batching."""
