@@ -1,0 +1,422 @@
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2) in Flax NNX, numerically matching Hugging Face.
+
+RoPE uses HF's rotate-half convention so imported q/k weights need no permutation. Attribute names mirror
+HF (`model.layers[i].self_attn.q_proj`, ...) so the key map in `emollm_jax.convert.llama` reads as a table.
+Decoding uses a functional `KVCache` pytree: the model never mutates hidden state, so generation loops can be
+jitted with the cache donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_FAMILIES = ("llama", "mistral", "qwen2")
+_INIT = nnx.initializers.normal(stddev=0.02)  # HF's initializer_range default
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Decoder hyper-parameters; `from_hf`/`to_hf` translate LlamaConfig/MistralConfig/Qwen2Config dicts."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None  # frozen HF dict, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...)
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # Qwen2: q/k/v bias (o_proj never has one)
+    tie_word_embeddings: bool = False
+    model_type: str = "llama"  # llama | mistral | qwen2
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+    sliding_window: int | None = None  # Mistral: a key is visible iff query_slot - key_slot < window
+
+    def __post_init__(self):
+        if self.model_type not in _FAMILIES:
+            raise ValueError(f"LlamaConfig.model_type={self.model_type!r}; expected one of {_FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+        """Reads an HF config dict (config.json); accepts both `rope_parameters` (transformers>=5) and the
+        older top-level `rope_theta` + `rope_scaling`. Unsupported features raise instead of diverging."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in _FAMILIES:
+            raise ValueError(f"config model_type={model_type!r} is not a LLaMA-family decoder {_FAMILIES}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+        if hf.get("mlp_bias", False):
+            raise ValueError("config mlp_bias=True is not supported")
+        if hf.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"config pretraining_tp={hf['pretraining_tp']} is not supported (only 1)")
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = dict(hf.get("rope_scaling") or {})
+        rope.update(legacy)
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        if "type" in rope:  # pre-4.45 spelling
+            rope.setdefault("rope_type", rope.pop("type"))
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"config rope_type={rope_type!r} is not supported (default, linear, llama3)")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("config partial_rotary_factor != 1 is not supported")
+        scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
+        max_pos = int(hf.get("max_position_embeddings", 4096))
+        window = hf.get("sliding_window")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            window = None
+        if model_type == "qwen2" and window is not None:
+            raise ValueError("Qwen2 use_sliding_window=True is not supported (per-layer windows)")
+        if window is not None and window >= max_pos:
+            window = None  # never binds
+        heads = int(hf["num_attention_heads"])
+        kwargs = dict(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            sliding_window=window,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config dict that `AutoConfig.for_model(**d)` / `from_pretrained` reads back as this one."""
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        rope = {"rope_type": "default", **(self.rope_scaling_dict or {}), "rope_theta": self.rope_theta}
+        d: dict[str, Any] = dict(
+            architectures=[arch[self.model_type]],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.dim_per_head,
+            hidden_act="silu",
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            dtype=self.param_dtype,
+        )
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=False)
+        elif self.model_type == "mistral":
+            d.update(sliding_window=self.sliding_window)
+        elif self.model_type == "qwen2":
+            if not self.attention_bias:
+                raise ValueError("Qwen2 always has q/k/v biases; attention_bias=False can't be exported")
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+
+
+class KVCache(NamedTuple):
+    """Preallocated per-layer keys/values; a pytree, so it passes through `jax.jit` (donate it when decoding).
+
+    k, v: float[L, B, S_max, KVH, Dh]; key_mask: int32[B, S_max] (1 = filled, real token);
+    index: int32[] number of slots written so far (shared by the batch: prompts are left padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    key_mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        key_mask=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """float32[Dh/2] inverse frequencies, computed in float32 exactly as HF's rope init functions do."""
+    dim = config.dim_per_head
+    inv = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)))
+    inv = inv.astype(np.float32)
+    scaling = config.rope_scaling_dict
+    if scaling is None:
+        return inv
+    kind = scaling.get("rope_type", "default")
+    factor = np.float32(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    if kind == "default":
+        return inv
+    raise ValueError(f"rope_type={kind!r} is not supported")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """int32[B, T] positions -> (cos, sin) float32[B, T, Dh] in rotate-half layout (frequencies repeated)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: float[B, T, N, Dh]; cos/sin: float32[B, T, Dh]. HF's `x * cos + rotate_half(x) * sin`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_bias(
+    query_slots: jax.Array, key_mask: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """Additive mask float32[B, 1, 1, T, S]: 0 where visible, a large negative number elsewhere.
+
+    query_slots: int32[T] slot of each query in the key sequence; key_mask: int[B, S] (1 = real key).
+    Key s is visible from query t iff key_mask[b, s] and s <= query_slots[t] (and within the window).
+    Example, no cache, left padding [0, 1, 1]: query 1 sees key 1; query 2 sees keys 1, 2; query 0 sees
+    nothing (a padded row: uniform weights, finite, and ignored downstream).
+    """
+    key_slots = jnp.arange(key_mask.shape[-1])
+    visible = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window is not None:
+        visible &= query_slots[:, None] - key_slots[None, :] < sliding_window
+    visible = visible[None] & (key_mask[:, None, :] > 0)
+    return jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """Grouped-query attention. q: float[B, T, H, Dh]; k, v: float[B, S, KVH, Dh];
+    bias: float32[B, 1, 1, T, S].
+
+    Query heads are grouped under their kv head (h = kvh * G + g, as HF's repeat_kv): K/V are never repeated.
+    Scores and softmax in float32. Returns float[B, T, H, Dh].
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: Any, param_dtype: Any):
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _linear(
+    cfg: LlamaConfig, n_in: int, n_out: int, names: tuple[str, str], rngs: nnx.Rngs, bias: bool = False
+) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nnx.with_partitioning(_INIT, names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+        rngs=rngs,
+    )
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.dim_per_head
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, ("embed", "heads"), rngs, cfg.attention_bias)
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs, cfg.attention_bias)
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs, cfg.attention_bias)
+        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, ("heads", "embed"), rngs)
+
+    def __call__(self, x, cos, sin, bias, kv=None):
+        """x: float[B, T, D]. Without a cache attends over x itself. With kv = (k_all, v_all, layer,
+        index) (caches float[L, B, S_max, KVH, Dh]) writes this chunk's keys/values into slot `index` of
+        layer `layer` (in place under jit) and attends over that layer's whole cache.
+        Returns (float[B, T, D], (k_all, v_all) or None)."""
+        b, t, _ = x.shape
+        hd = self.cfg.dim_per_head
+        q = self.q_proj(x).reshape(b, t, self.cfg.num_heads, hd)
+        k = self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
+        v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_all, v_all, layer, index = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+            kv = (k_all, v_all)
+        out = dot_product_attention(q, k, v, bias).reshape(b, t, -1)
+        return self.o_proj(out), kv
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, d, f, ("embed", "mlp"), rngs)
+        self.up_proj = _linear(cfg, d, f, ("embed", "mlp"), rngs)
+        self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = LlamaMLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, bias, kv=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _run_layer(layer: LlamaDecoderLayer, *args):
+    return layer(*args)
+
+
+class LlamaModel(nnx.Module):
+    """Embedding, decoder stack and final norm (HF's `model.*`)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size,
+            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nnx.with_partitioning(_INIT, ("vocab", "embed")), rngs=rngs,
+        )
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype),
+                            param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Causal LM with HF-compatible numerics; see `__call__` for the cache protocol."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """int32[B, T] -> float[B, T, D] token embeddings (EmoLLM splices visual tokens into these)."""
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float[B, T, D] final-normed hidden -> float32[B, T, V]."""
+        if self.config.tie_word_embeddings:
+            out = self.model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        """Forward over a chunk of T tokens.
+
+        input_ids int32[B, T] or inputs_embeds float[B, T, D]; attention_mask int[B, T] (1 = real token;
+        default all 1). positions default to the count of earlier real tokens (`cumsum(mask) - 1`, clipped
+        at 0), counting those already in the cache, so left-padded prompts get unpadded positions.
+        Without a cache: returns logits float32[B, T, V] (or the final-normed hidden float[B, T, D] when
+        return_hidden). With a cache: the chunk is written at `cache.index` (prefill: the prompt; decode:
+        one or a few tokens) and the result is `(logits_or_hidden, new_cache)`.
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        b, t = x.shape[:2]
+        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+
+        if cache is None:
+            key_mask, query_slots, index = mask, jnp.arange(t), None
+            seen = jnp.zeros((b,), jnp.int32)
+        else:
+            index = cache.index
+            seen = jnp.sum(cache.key_mask, axis=-1)
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, index))
+            query_slots = index + jnp.arange(t)
+        if positions is None:
+            positions = jnp.maximum(seen[:, None] + jnp.cumsum(mask, axis=-1) - 1, 0)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+        bias = attention_bias(query_slots, key_mask, cfg.sliding_window)
+
+        if cache is None:
+            run = nnx.remat(_run_layer) if cfg.remat else _run_layer  # remat only pays off when training
+            for layer in self.model.layers:
+                x, _ = run(layer, x, cos, sin, bias)
+        else:
+            k_all, v_all = cache.k, cache.v
+            for i, layer in enumerate(self.model.layers):
+                x, (k_all, v_all) = layer(x, cos, sin, bias, (k_all, v_all, i, index))
+        x = self.model.norm(x)
+        out = x if return_hidden else self.logits(x)
+        if cache is None:
+            return out
+        return out, KVCache(k=k_all, v=v_all, key_mask=key_mask, index=index + t)
