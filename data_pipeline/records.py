@@ -1,0 +1,415 @@
+"""EmoBench record schema, file readers and validation.
+
+A record is one LLaVA-style conversation about zero or one piece of media:
+
+```json
+{"id": "emo_c-000123", "task": "emo_c",
+ "image": "images/x.png",                       # or a list of image paths (several images), or absent/null
+ "video": "videos/y.mp4" | "videos/y/" | ["videos/y/0.png", ...],   # a file, a frame directory or frame list
+ "conversations": [{"from": "human", "value": "<image>\\nQuestion ... Options: a, b, c."},
+                   {"from": "gpt", "value": "joy"}],
+ "label": "joy", "options": ["anger", "joy"], "rationale": "The mouth curves up ...", "meta": {...}}
+```
+
+Records read back from ArrayRecord carry the media themselves instead of (or besides) the paths, and the
+bytes win: `image_bytes: bytes` (one encoded PNG/JPEG), `video_frames_bytes: list[bytes]` (encoded frames of
+one video), `video_bytes: bytes` (one encoded container, e.g. mp4). `data_pipeline.media` decodes them.
+
+Media markers: each image is one `<image>` marker in the human turns; a video is one `<video>` marker.
+A record holds images or a video, not both. Paths are relative to a data root and may not leave it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+TASKS = ("emo_c", "emo_o", "intent", "hate", "humor", "sarcasm", "caption", "vqa")
+EMOTION_TASKS = TASKS[:6]
+OBJECTIVE_TASKS = TASKS[6:]
+REQUIRED_FIELDS = ("id", "task", "conversations")
+OPTIONAL_FIELDS = (
+    "image", "video", "label", "options", "rationale", "meta",
+    "image_bytes", "video_frames_bytes", "video_bytes",
+)
+ALLOWED_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class RecordError(Exception):
+    """One problem with one record: `file:line: field: message`.
+
+    `line` is the 1-based line for JSONL and the 1-based record number for a JSON list (0 when unknown).
+    """
+
+    def __init__(self, source: str | os.PathLike, line: int, field: str, message: str):
+        self.source = str(source)
+        self.line = int(line)
+        self.field = field
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.field}: {self.message}"
+
+    def __reduce__(self):  # picklable across Grain worker processes
+        return (RecordError, (self.source, self.line, self.field, self.message))
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """Raised by `ErrorBudget` when more records were skipped than allowed."""
+
+
+class ErrorBudget:
+    """Counts records skipped as invalid; raises with a summary once more than `max_errors` are skipped.
+
+    The count is per process: with several Grain workers each worker holds its own budget.
+    """
+
+    def __init__(self, max_errors: int, *, keep: int = 5):
+        if max_errors < 0:
+            raise ValueError(f"max_errors must be >= 0, got {max_errors}")
+        self.max_errors = max_errors
+        self.keep = keep
+        self.skipped = 0
+        self.by_field: collections.Counter[str] = collections.Counter()
+        self.examples: list[RecordError] = []
+
+    def skip(self, errors: Sequence[RecordError]) -> None:
+        """Records one skipped record with its `errors`; raises `ErrorBudgetExceeded` past the budget."""
+        self.skipped += 1
+        for err in errors:
+            self.by_field[err.field] += 1
+        if len(self.examples) < self.keep:
+            self.examples.extend(errors[: self.keep - len(self.examples)])
+        if self.skipped > self.max_errors:
+            raise ErrorBudgetExceeded(self.summary())
+
+    def summary(self) -> str:
+        fields = ", ".join(f"{k}: {v}" for k, v in self.by_field.most_common())
+        lines = [f"{self.skipped} invalid records skipped (budget {self.max_errors}); "
+                 f"problems by field: {fields}"]
+        lines += [f"  {e}" for e in self.examples]
+        return "\n".join(lines)
+
+
+def iter_records(
+    path: str | os.PathLike, *, errors: list[RecordError] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields `(line, record)` from `.jsonl` (an object per line) or `.json` (a list of objects).
+
+    A malformed line raises `RecordError` naming the line; if `errors` is a list, the error is appended there
+    and the line skipped instead, so a validator can report every bad line.
+    """
+    path = Path(path)
+
+    def fail(line: int, field: str, message: str) -> None:
+        err = RecordError(path, line, field, message)
+        if errors is None:
+            raise err
+        errors.append(err)
+
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    fail(lineno, "json", f"malformed JSON at column {e.colno}: {e.msg}")
+                    continue
+                if not isinstance(obj, dict):
+                    fail(lineno, "json", f"expected a JSON object, got {type(obj).__name__}")
+                    continue
+                yield lineno, obj
+    elif path.suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(e.lineno, "json", f"malformed JSON at column {e.colno}: {e.msg}")
+            return
+        if not isinstance(data, list):
+            fail(1, "json", f"a .json file must hold a list of records, got {type(data).__name__}")
+            return
+        for index, obj in enumerate(data, start=1):
+            if not isinstance(obj, dict):
+                fail(index, "json", f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield index, obj
+    else:
+        raise ValueError(f"{path}: unsupported record file type {path.suffix!r} (expected .json or .jsonl)")
+
+
+def media_paths(record: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    """Returns `(kind, paths)` with kind "image" | "video" | None; paths as written in the record."""
+    for kind in ("image", "video"):
+        value = record.get(kind)
+        if value is None:
+            continue
+        return kind, [value] if isinstance(value, str) else list(value)
+    return None, []
+
+
+def media_layout(record: Mapping[str, Any], num_frames: int) -> list[int]:
+    """Frames per media item, in marker order: `[1] * n_images` or `[num_frames]` for a video, `[]` for text.
+
+    The pipeline builds `frame_media` from it: `np.repeat(np.arange(len(layout)), layout)`.
+    """
+    if record.get("video_bytes") is not None or record.get("video_frames_bytes") is not None:
+        return [num_frames]
+    if record.get("image_bytes") is not None:
+        return [1]
+    kind, paths = media_paths(record)
+    if kind == "image":
+        return [1] * len(paths)
+    if kind == "video":
+        return [num_frames]
+    return []
+
+
+def validate_record(
+    record: Any,
+    *,
+    source: str | os.PathLike,
+    line: int,
+    data_root: str | os.PathLike | None = None,
+    num_frames: int | None = None,
+    max_text_chars: int | None = None,
+    length_fn: Callable[[str], int] | None = None,
+    max_tokens: int | None = None,
+    check_media: bool = True,
+) -> list[RecordError]:
+    """Returns every problem found in `record` (empty list = valid).
+
+    Cheap checks (schema, task, conversation order, markers, options/label, paths escaping `data_root`, text
+    length) always run; `check_media=True` also opens every media file (PIL `verify()`, PyAV frame count).
+    Text length: `max_text_chars` bounds the characters of all turns joined by newlines; `length_fn` with
+    `max_tokens` bounds `length_fn(joined text)` (pass one that applies the chat template and counts the
+    visual tokens, if the budget should include them). Past either bound the answer would be truncated.
+    """
+    errs: list[RecordError] = []
+
+    def err(field: str, message: str) -> None:
+        errs.append(RecordError(source, line, field, message))
+
+    if not isinstance(record, Mapping):
+        err("record", f"expected a JSON object, got {type(record).__name__}")
+        return errs
+
+    for name in REQUIRED_FIELDS:
+        if name not in record:
+            err(name, "missing required field")
+    unknown = sorted(set(record) - set(ALLOWED_FIELDS))
+    for name in unknown:
+        err(name, f"unknown field; allowed fields are {', '.join(ALLOWED_FIELDS)}")
+
+    if "id" in record and (not isinstance(record["id"], str) or not record["id"]):
+        err("id", f"must be a non-empty string, got {record['id']!r}")
+    task = record.get("task")
+    if "task" in record and task not in TASKS:
+        err("task", f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+    texts = _check_conversations(record.get("conversations"), err) if "conversations" in record else None
+    _check_label(record, err)
+    for name in ("rationale",):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            err(name, f"must be a string, got {type(record[name]).__name__}")
+    if record.get("meta") is not None and not isinstance(record["meta"], dict):
+        err("meta", f"must be an object, got {type(record['meta']).__name__}")
+
+    kind, paths = _check_media_fields(record, err)
+    if texts is not None:
+        _check_markers(texts, record, kind, len(paths), err)
+        _check_length(texts, max_text_chars, length_fn, max_tokens, err)
+    if paths:
+        _check_media_paths(kind, paths, data_root, num_frames, check_media, err)
+    return errs
+
+
+def _check_conversations(conv: Any, err) -> list[tuple[str, str]] | None:
+    """Checks the turn structure; returns `[(role, text), ...]` for the later checks, or None if unusable."""
+    if not isinstance(conv, list) or not conv:
+        err("conversations", "must be a non-empty list of {from, value} turns")
+        return None
+    turns: list[tuple[str, str]] = []
+    for i, turn in enumerate(conv):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+            err(where, "each turn must be an object with 'from' and 'value'")
+            return None
+        extra = sorted(set(turn) - {"from", "value"})
+        if extra:
+            err(where, f"unknown keys {extra}; a turn has only 'from' and 'value'")
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            err(f"{where}.from", f"expected {expected!r} (turns alternate human/gpt, starting with human), "
+                f"got {turn['from']!r}")
+        value = turn["value"]
+        if not isinstance(value, str) or not value.strip():
+            err(f"{where}.value", "must be a non-empty string")
+            value = value if isinstance(value, str) else ""
+        turns.append((expected, value))
+    if len(conv) % 2:
+        err("conversations", f"has {len(conv)} turns; it must end with a 'gpt' answer")
+    return turns
+
+
+def _check_label(record: Mapping[str, Any], err) -> None:
+    options = record.get("options")
+    if options is not None:
+        if (not isinstance(options, list) or not options
+                or not all(isinstance(o, str) and o.strip() for o in options)):
+            err("options", "must be a non-empty list of non-empty strings")
+            options = None
+        elif len(set(options)) != len(options):
+            err("options", f"has duplicates: {options}")
+    label = record.get("label")
+    if label is None:
+        return
+    if not isinstance(label, str) or not label.strip():
+        err("label", f"must be a non-empty string, got {label!r}")
+    elif options is not None and label not in options:
+        err("label", f"{label!r} is not among the options {options}")
+
+
+def _check_media_fields(record: Mapping[str, Any], err) -> tuple[str | None, list[str]]:
+    if record.get("image") is not None and record.get("video") is not None:
+        err("video", "a record holds either 'image' or 'video', not both")
+    for name in ("image", "video"):
+        value = record.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if not value:
+                err(name, "empty path")
+        elif not isinstance(value, list) or not value or not all(isinstance(p, str) and p for p in value):
+            err(name, "must be a path or a non-empty list of paths")
+            return name, []
+    if record.get("image_bytes") is not None and not isinstance(record["image_bytes"], bytes | bytearray):
+        err("image_bytes", f"must be bytes, got {type(record['image_bytes']).__name__}")
+    if record.get("video_bytes") is not None and not isinstance(record["video_bytes"], bytes | bytearray):
+        err("video_bytes", f"must be bytes, got {type(record['video_bytes']).__name__}")
+    frames = record.get("video_frames_bytes")
+    if frames is not None and (not isinstance(frames, list) or not all(isinstance(b, bytes | bytearray)
+                                                                         for b in frames)):
+        err("video_frames_bytes", "must be a list of encoded frames (bytes)")
+    kind, paths = media_paths(record)
+    if kind is None:
+        if record.get("image_bytes") is not None:
+            kind = "image"
+        elif record.get("video_bytes") is not None or frames is not None:
+            kind = "video"
+    return kind, [p for p in paths if p]
+
+
+def _check_markers(texts, record, kind: str | None, n_paths: int, err) -> None:
+    human = "".join(t for role, t in texts if role == "human")
+    for i, (role, text) in enumerate(texts):
+        if role == "gpt" and (IMAGE_MARKER in text or VIDEO_MARKER in text):
+            err(f"conversations[{i}].value", "media markers may appear only in human turns")
+    n_img, n_vid = human.count(IMAGE_MARKER), human.count(VIDEO_MARKER)
+    want_img = (n_paths or 1) if kind == "image" else 0
+    want_vid = 1 if kind == "video" else 0
+    if (n_img, n_vid) != (want_img, want_vid):
+        what = {"image": f"{want_img} image(s)", "video": "1 video", None: "no media"}[kind]
+        err("conversations", f"found {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but the "
+            f"record has {what}; expected {want_img} {IMAGE_MARKER} and {want_vid} {VIDEO_MARKER}")
+
+
+def _check_length(texts, max_chars, length_fn, max_tokens, err) -> None:
+    if max_chars is None and length_fn is None:
+        return
+    joined = "\n".join(t for _, t in texts)
+    if max_chars is not None and len(joined) > max_chars:
+        err("conversations", f"text is {len(joined)} characters > max_text_chars {max_chars}; the answer "
+            "would be truncated")
+    if length_fn is not None:
+        if max_tokens is None:
+            raise ValueError("length_fn needs max_tokens")
+        n = int(length_fn(joined))
+        if n > max_tokens:
+            err("conversations", f"text is {n} tokens > max_tokens {max_tokens}; the answer would be "
+                "truncated")
+
+
+def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Path:
+    """`data_root / path`; ValueError for an absolute path or one that resolves outside the root."""
+    if os.path.isabs(path):
+        raise ValueError(f"absolute path {path!r} refused; media paths are relative to the data root")
+    root = Path(data_root if data_root is not None else ".").resolve()
+    full = (root / path).resolve()
+    if not full.is_relative_to(root):
+        raise ValueError(f"path {path!r} resolves to {full}, outside the data root {root}")
+    return full
+
+
+def _check_media_paths(kind, paths, data_root, num_frames, check_media, err) -> None:
+    resolved: list[Path] = []
+    for p in paths:
+        try:
+            resolved.append(resolve_media_path(p, data_root))
+        except ValueError as e:
+            err(kind, str(e))
+    if len(resolved) != len(paths):
+        return
+    if kind == "video" and len(paths) > 1 and num_frames is not None and len(paths) < num_frames:
+        err("video", f"has {len(paths)} frames, fewer than the {num_frames} frames asked for")
+    if not check_media:
+        return
+    if kind == "video" and len(paths) == 1 and resolved[0].suffix.lower() not in IMAGE_SUFFIXES:
+        _check_video(paths[0], resolved[0], num_frames, err)
+        return
+    for p, full in zip(paths, resolved, strict=True):
+        problem = image_problem(full)
+        if problem:
+            err(kind, f"{p}: {problem}")
+
+
+def image_problem(path: Path) -> str | None:
+    """Why the image file at `path` cannot be used (missing, empty, not decodable), or None if it is fine."""
+    from PIL import Image  # local import: schema checks should not pay for PIL
+
+    if not path.is_file():
+        return "file not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many exception types for corrupt data
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def _check_video(p: str, full: Path, num_frames: int | None, err) -> None:
+    from data_pipeline import media
+
+    if full.is_dir():
+        frames = media.frame_files(full)
+        if not frames:
+            err("video", f"{p}: frame directory holds no image files")
+            return
+        total = len(frames)
+    elif not full.is_file():
+        err("video", f"{p}: file not found")
+        return
+    elif full.stat().st_size == 0:
+        err("video", f"{p}: empty file (0 bytes)")
+        return
+    else:
+        try:
+            total = media.count_video_frames(full)
+        except Exception as e:  # PyAV raises av.error.* subclasses for corrupt containers
+            err("video", f"{p}: unreadable video ({type(e).__name__}: {e})")
+            return
+    if num_frames is not None and total < num_frames:
+        err("video", f"{p}: has {total} frames, fewer than the {num_frames} frames asked for")
