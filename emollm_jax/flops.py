@@ -1,0 +1,147 @@
+"""Analytic training FLOPs of an EmoLLM step and model FLOPs utilisation (MFU).
+
+Definition follows MaxText (`calculate_tflops_training_per_device`): matmul FLOPs only, 2 per multiply-add,
+training = forward + backward = 3x forward for trained parts, causal attention scores counted at half. A
+frozen part is counted forward-only when no gradient flows through it (the vision tower under stop_gradient);
+a frozen part that gradients pass through (the LLM in a projector-only stage) still costs backward-through-
+activations, which we count as 2x forward (no weight gradients).
+On CPU there is no published peak, so `device_peak_flops` measures one with a large fp32 matmul, once per
+machine, and caches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak per chip (vendor data sheets). Keys are substrings of `device.device_kind`.
+_PEAK_BF16 = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12), ("V100", 125e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one training step, split by tower (for the log and for checking the formula)."""
+
+    decoder: float
+    vision: float
+    projector: float
+
+    @property
+    def total(self) -> float:
+        return self.decoder + self.vision + self.projector
+
+
+def _mult(trained: bool, grad_flows: bool) -> float:
+    """Forward=1; + activation gradients=1 when gradients pass through; + weight gradients=1 when trained."""
+    return 1.0 + float(grad_flows or trained) + float(trained)
+
+
+def decoder_flops(text, batch: int, seq_len: int, *, trained: bool, grad_flows: bool = True) -> float:
+    """Decoder matmuls (q/k/v/o, SwiGLU, lm_head) + causal attention for `batch` sequences of `seq_len`."""
+    d, hd = text.hidden_size, text.head_dim or text.hidden_size // text.num_heads
+    attn_w = d * hd * (2 * text.num_heads + 2 * text.num_kv_heads)
+    mlp_w = 3 * d * text.intermediate_size
+    n_matmul = text.num_layers * (attn_w + mlp_w) + d * text.vocab_size
+    tokens = batch * seq_len
+    dense = 2.0 * n_matmul * tokens
+    attention = 2.0 * 2.0 * text.num_layers * text.num_heads * hd * seq_len * tokens / 2.0  # causal: half
+    return _mult(trained, grad_flows) * (dense + attention)
+
+
+def vision_flops(vision, frames: int, *, trained: bool, grad_flows: bool) -> float:
+    """ViT over `frames` frames: patch embedding + encoder layers (full attention over P+1 tokens)."""
+    d = vision.hidden_size
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    patch = 2.0 * (vision.patch_size**2 * vision.num_channels) * d * (tokens - 1)
+    per_layer = 2.0 * tokens * (4 * d * d + 2 * d * vision.intermediate_size) + 4.0 * tokens * tokens * d
+    return _mult(trained, grad_flows) * frames * (patch + vision.num_layers * per_layer)
+
+
+def projector_flops(num_params: int, frames: int, patches: int, *, trained: bool) -> float:
+    """Approximation: every projector weight is used once per patch token (exact for MLPs; MVP's graph
+    aggregation and gates are small next to its projections)."""
+    return _mult(trained, True) * 2.0 * num_params * frames * patches
+
+
+def step_flops(model_cfg, *, batch: int, seq_len: int, frames: int, projector_params: int,
+               trainable: tuple[str, ...] | set[str]) -> StepFlops:
+    """FLOPs of one step for an `EmoLLMConfig` and a batch of `batch` x `seq_len` tokens with `frames` real
+    frames; `trainable` are the stage's groups (vision / projector / llm / lora)."""
+    trainable = set(trainable)
+    llm_trained = "llm" in trainable or "lora" in trainable
+    vision_trained = "vision" in trainable
+    vision_grad = vision_trained and not model_cfg.freeze_vision
+    patches = (model_cfg.vision.image_size // model_cfg.vision.patch_size) ** 2
+    return StepFlops(
+        decoder=decoder_flops(model_cfg.text, batch, seq_len, trained=llm_trained),
+        vision=vision_flops(model_cfg.vision, frames, trained=vision_grad, grad_flows=vision_grad),
+        projector=projector_flops(projector_params, frames, patches, trained="projector" in trainable),
+    )
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "emollm_jax" / "peak_flops.json"
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` fp32 FLOP/s of an n x n x n matmul on the default device (host peak on CPU)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+@functools.cache
+def device_peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s of the whole local process, how it was obtained).
+
+    Accelerators: data-sheet bf16 peak per chip x local chips. CPU: measured fp32 matmul peak of the host (all
+    fake CPU devices share the same cores), cached per machine in ~/.cache/emollm_jax/peak_flops.json.
+    """
+    dev = jax.local_devices()[0]
+    if dev.platform != "cpu":
+        for key, peak in _PEAK_BF16:
+            if key.lower() in dev.device_kind.lower():
+                n = jax.local_device_count()
+                return peak * n, f"{dev.device_kind} bf16 data-sheet peak x{n} chips"
+        return float("nan"), f"unknown peak for {dev.device_kind}"
+    key = f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}"
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+        if key in cached:
+            return float(cached[key]), f"CPU fp32 matmul peak measured earlier (cache {path})"
+    except (OSError, ValueError):
+        cached = {}
+    peak = measure_matmul_flops()
+    cached[key] = peak
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return peak, "CPU fp32 2048^3 matmul peak measured now"
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation in [0, 1]."""
+    return flops_per_step / step_seconds / peak if step_seconds > 0 and peak > 0 else float("nan")
