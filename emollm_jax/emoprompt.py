@@ -1,0 +1,275 @@
+"""EmoPrompt: a bank of worked exemplars (question, reasoning, answer) per task, prepended to a question.
+
+The paper's EmoPrompt is unpublished beyond "guides MLLMs to reason about emotions in the correct direction";
+this is our reading (a reimplementation choice): M text-only exemplars of the same task, each a question, a
+short rationale and the gold answer, placed before the question at train and test time (M = 0 turns it off).
+
+Bank file (JSON): `{"version": 1, "tasks": {"emo_c": [{"id", "question", "reasoning", "answer"}, ...]}}`.
+
+CLI: `python -m emollm_jax.emoprompt build --records train.jsonl --out bank.json --per-task 8`
+(rationales from the records' `rationale` fields) or `... --teacher HF_OR_CKPT_DIR` (a model this project can
+load writes a rationale for the gold answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+BANK_VERSION = 1
+STRATEGIES = ("fixed", "similar")
+_MARKERS = re.compile(r"<image>|<video>")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exemplar:
+    id: str
+    question: str
+    reasoning: str
+    answer: str
+
+
+Bank = dict[str, list[Exemplar]]
+
+
+def load_bank(path: str | os.PathLike) -> Bank:
+    """Reads and validates a bank file; errors name the file, task, exemplar index and key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: EmoPrompt bank is not valid JSON: {e.msg}") from e
+    if not isinstance(data, dict) or data.get("version") != BANK_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise ValueError(f"{path}: EmoPrompt bank must be an object with \"version\": {BANK_VERSION}, "
+                         f"got version {version!r}")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict):
+        raise ValueError(f"{path}: key 'tasks' must map task name -> list of exemplars")
+    bank: Bank = {}
+    for task, items in tasks.items():
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: tasks.{task} must be a list, got {type(items).__name__}")
+        bank[task] = []
+        for i, item in enumerate(items):
+            where = f"{path}: tasks.{task}[{i}]"
+            if not isinstance(item, dict):
+                raise ValueError(f"{where} must be an object")
+            for key in ("id", "question", "reasoning", "answer"):
+                if not isinstance(item.get(key), str):
+                    raise ValueError(f"{where}: key {key!r} must be a string, got {item.get(key)!r}")
+            bank[task].append(Exemplar(item["id"], item["question"], item["reasoning"], item["answer"]))
+    return bank
+
+
+def save_bank(bank: Mapping[str, Sequence[Exemplar]], path: str | os.PathLike) -> None:
+    """Writes the bank atomically (tmp file + rename), so a crash never leaves half a bank."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"version": BANK_VERSION,
+            "tasks": {task: [dataclasses.asdict(e) for e in items] for task, items in bank.items()}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def question_text(record: Mapping[str, Any]) -> str:
+    """The record's first human turn without media markers (exemplars are text-only)."""
+    for turn in record.get("conversations", []):
+        if turn.get("from") == "human":
+            return strip_markers(turn.get("value", ""))
+    return ""
+
+
+def strip_markers(text: str) -> str:
+    """Removes `<image>`/`<video>`: a marker in an exemplar would be expanded into visual tokens."""
+    return " ".join(_MARKERS.sub(" ", text).split())
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _tfidf_ranking(questions: Sequence[str], query: str) -> list[int]:
+    """Indices of `questions` by decreasing TF-IDF cosine with `query`; ties keep bank order."""
+    docs = [collections.Counter(_words(q)) for q in questions]
+    df = collections.Counter(w for d in docs for w in d)
+    n = len(docs)
+    idf = {w: math.log((1 + n) / (1 + c)) + 1.0 for w, c in df.items()}
+
+    def vec(counts: Mapping[str, int]) -> dict[str, float]:
+        v = {w: c * idf[w] for w, c in counts.items() if w in idf}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / norm for w, x in v.items()}
+
+    q = vec(collections.Counter(_words(query)))
+    scores = [sum(x * q.get(w, 0.0) for w, x in vec(d).items()) for d in docs]
+    return sorted(range(n), key=lambda i: (-scores[i], i))
+
+
+def select(bank: Mapping[str, Sequence[Exemplar]], task: str, m: int, *, strategy: str = "fixed",
+           query_text: str | None = None, exclude_id: str | None = None) -> list[Exemplar]:
+    """M exemplars of `task`: the bank's first M ("fixed") or the M most similar questions ("similar").
+
+    `exclude_id` drops the query record itself (a training record must not see its own answer).
+    Deterministic: ties keep bank order. Fewer than M when the task has fewer exemplars.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"EmoPrompt strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if m < 0:
+        raise ValueError(f"EmoPrompt m must be >= 0, got {m}")
+    pool = [e for e in bank.get(task, ()) if e.id != exclude_id]
+    if m == 0 or not pool:
+        return []
+    if strategy == "similar":
+        if query_text is None:
+            raise ValueError("EmoPrompt strategy 'similar' needs query_text")
+        pool = [pool[i] for i in _tfidf_ranking([e.question for e in pool], query_text)]
+    return pool[:m]
+
+
+def render(exemplars: Iterable[Exemplar]) -> str:
+    """Text placed before the question; "" when there are no exemplars.
+
+    Example: Which emotion ...?
+    Reasoning: The mouth curves up ...
+    Answer: joy
+    """
+    blocks = [f"Example: {strip_markers(e.question)}\nReasoning: {e.reasoning.strip()}\nAnswer: {e.answer}"
+              for e in exemplars]
+    return "\n\n".join(blocks) + "\n\n" if blocks else ""
+
+
+def prefix_fn(bank: Mapping[str, Sequence[Exemplar]], m: int,
+              strategy: str = "fixed") -> Callable[[Mapping[str, Any]], str]:
+    """record -> EmoPrompt prefix, for `data_pipeline`'s `prompt_prefix` hook. Excludes the record itself."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"EmoPrompt strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+    def fn(record: Mapping[str, Any]) -> str:
+        if m == 0:
+            return ""
+        chosen = select(bank, record.get("task", ""), m, strategy=strategy, query_text=question_text(record),
+                        exclude_id=record.get("id"))
+        return render(chosen)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _answer(record: Mapping[str, Any]) -> str:
+    if record.get("label") is not None:
+        return str(record["label"])
+    gpt = [t.get("value", "") for t in record.get("conversations", []) if t.get("from") == "gpt"]
+    return gpt[0] if gpt else ""
+
+
+def build_from_records(records: Iterable[Mapping[str, Any]], per_task: int, *,
+                       rationale: Callable[[Mapping[str, Any]], str | None] | None = None) -> Bank:
+    """First `per_task` records of each task (file order) that have a rationale, as exemplars.
+
+    `rationale(record)` overrides the record's own `rationale` field (e.g. a teacher model's explanation).
+    """
+    bank: Bank = {}
+    for record in records:
+        task = record.get("task")
+        if not task or len(bank.setdefault(task, [])) >= per_task:
+            continue
+        reason = rationale(record) if rationale is not None else record.get("rationale")
+        answer = _answer(record)
+        if not reason or not answer:
+            continue
+        reason = " ".join(reason.split())
+        bank[task].append(Exemplar(str(record["id"]), question_text(record), reason, answer))
+    return {task: items for task, items in bank.items() if items}
+
+
+def teacher_prompt(record: Mapping[str, Any]) -> str:
+    """Asks a teacher to justify the gold answer (the paper's "user query + ground truth -> reasoning")."""
+    return (f"Question: {question_text(record)}\nThe correct answer is: {_answer(record)}.\n"
+            "Explain in one or two sentences which cues lead to this answer.\nReasoning:")
+
+
+def teacher_rationale_fn(teacher: str | os.PathLike, *, max_new_tokens: int = 64,
+                         batch_size: int = 8) -> Callable[[Mapping[str, Any]], str | None]:
+    """record -> rationale from a model `emollm_jax.convert.load_hf` can load (text-only prompt, greedy)."""
+    import numpy as np
+
+    from data_pipeline.text import load_tokenizer
+    from emollm_jax.convert import load_hf
+    from emollm_jax.generate import generate
+
+    model = load_hf(teacher, dtype="float32")
+    tok = load_tokenizer(teacher)
+
+    def fn(record: Mapping[str, Any]) -> str | None:
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(teacher_prompt(record))
+        input_ids = np.asarray([ids], np.int32)
+        out = generate(model, input_ids, np.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id)
+        new = [int(t) for t in np.asarray(getattr(out, "tokens", out))[0]]
+        if tok.eos_id in new:
+            new = new[: new.index(tok.eos_id)]
+        text = tok.decode(new, skip_special_tokens=True).strip()
+        return text or None
+
+    del batch_size  # one prompt at a time: banks hold a handful of exemplars per task
+    return fn
+
+
+def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    from data_pipeline.records import iter_records
+
+    return [record for _, record in iter_records(path)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emollm_jax.emoprompt",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build a bank from labelled records")
+    build.add_argument("--records", required=True, help="training records (.json list or .jsonl)")
+    build.add_argument("--out", required=True, help="bank file to write")
+    build.add_argument("--per-task", type=int, default=8, help="exemplars per task")
+    build.add_argument("--teacher", default=None,
+                       help="HF or converted checkpoint dir whose model writes the rationales")
+    build.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.per_task <= 0:
+        parser.error(f"--per-task must be > 0, got {args.per_task}")
+    records = _read_records(args.records)
+    rationale = None
+    if args.teacher:
+        rationale = teacher_rationale_fn(args.teacher, max_new_tokens=args.max_new_tokens)
+    bank = build_from_records(records, args.per_task, rationale=rationale)
+    if not bank:
+        print(f"{args.records}: no record has a rationale (and no --teacher given); nothing written",
+              file=sys.stderr)
+        return 1
+    save_bank(bank, args.out)
+    counts = ", ".join(f"{t}: {len(v)}" for t, v in sorted(bank.items()))
+    print(f"wrote {args.out} ({counts})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
