@@ -1,0 +1,134 @@
+"""Evaluation output files: results.json, report.md, predictions.jsonl, confusion_<task>.png.
+
+Pure formatting from the dicts `evaluate.score` builds; every file is written atomically (tmp + rename) so a
+killed evaluation never leaves a half-written report next to an old one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> None:
+    """Calls `write(file)` on a temp file beside `path`, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    text = json.dumps(_json_safe(data), indent=1, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda f: f.write(text))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    def write(f) -> None:
+        for row in rows:
+            f.write(json.dumps(_json_safe(row), ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def render_report(results: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: a per-task table (accuracy, macro-F1, unparseable, control drop), the EmoBench mean, and
+    every unparseable answer (never dropped)."""
+    main = results["splits"][results["split"]]
+    control = results.get("control")
+    lines = [f"# EmoBench evaluation: split `{results['split']}`", ""]
+    if results.get("checkpoint") is not None:
+        lines += [f"Checkpoint: `{results['checkpoint']}`", ""]
+    header = "| task | n | accuracy (%) | macro-F1 (%) | unparseable |"
+    rule = "|---|---:|---:|---:|---:|"
+    if control:
+        header += f" accuracy on `{control['split']}` (%) | drop (points) |"
+        rule += "---:|---:|"
+    lines += [header, rule]
+    for task, r in main["tasks"].items():
+        row = f"| {task} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {r['unparseable']} |"
+        if control:
+            c = control["tasks"].get(task)
+            drop = control["drop"].get(task)
+            row += f" {_pct(c['accuracy']) if c else '-'} | {_pct(drop)} |"
+        lines.append(row)
+    n_tasks = len(main["emobench_tasks"])
+    mean_row = f"| **EmoBench mean** ({n_tasks} of 6) | | **{_pct(main['emobench_mean'])}** | | |"
+    if control:
+        mean_row += f" {_pct(control['emobench_mean'])} | {_pct(control['drop'].get('emobench_mean'))} |"
+    lines += [mean_row, ""]
+    if main["emobench_missing"]:
+        lines += [f"Missing EmoBench tasks (not in the mean): {', '.join(main['emobench_missing'])}.", ""]
+    lines += ["Accuracy counts unparseable answers as wrong. The EmoBench mean is the plain mean of the six "
+              "sub-task accuracies (objective tasks excluded).", ""]
+    bad = [p for p in predictions if p["parsed"] is None]
+    lines += [f"## Unparseable answers ({len(bad)})", ""]
+    if bad:
+        lines += ["| split | id | task | answer | gold |", "|---|---|---|---|---|"]
+        for p in bad:
+            answer = p["answer"].replace("|", "\\|").replace("\n", " ") or "(empty)"
+            lines.append(f"| {p['split']} | {p['id']} | {p['task']} | {answer} | {p['gold']} |")
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(path: str | os.PathLike, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+    """PNG heat map: rows gold, columns predicted; the last column is "none" (unparseable or off-label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    cols = list(labels) + ["(none)"]
+    size = max(3.0, 0.55 * len(cols) + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    try:
+        ax.imshow(matrix, cmap="Blues", aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), list(labels), fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("gold")
+        ax.set_title(title, fontsize=10)
+        peak = matrix.max() if matrix.size else 0
+        for (i, j), v in np.ndenumerate(matrix):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                        color="white" if v > peak / 2 else "black")
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
