@@ -236,6 +236,31 @@ def teacher_rationale_fn(teacher: str | os.PathLike, *, max_new_tokens: int = 64
     return fn
 
 
+def from_config(config: Any, data_root: str | os.PathLike,
+                workdir: str | os.PathLike) -> Callable[[Mapping[str, Any]], str] | None:
+    """The run's `prompt_prefix` (None when `config.emoprompt.num_exemplars` is 0), for train, eval, predict.
+
+    Uses `config.emoprompt.bank` when set; otherwise builds `<workdir>/emoprompt_bank.json` once from the
+    rationales of `<data_root>/<config.data.train_split>.jsonl` (`config.emoprompt.per_task` per task, 16 by
+    default) and reuses it. `config.emoprompt.strategy`: "fixed" (default) or "similar".
+    """
+    ep = config.emoprompt
+    m = int(ep.num_exemplars)
+    if m <= 0:
+        return None
+    bank_path = Path(ep.bank) if ep.bank else Path(workdir) / "emoprompt_bank.json"
+    if not bank_path.exists():
+        if ep.bank:
+            raise FileNotFoundError(f"config.emoprompt.bank={ep.bank}: no such file")
+        records = _read_records(Path(data_root) / f"{config.data.train_split}.jsonl")
+        bank = build_from_records(records, int(ep.get("per_task", 16)))
+        if not bank:
+            raise ValueError(f"config.emoprompt.num_exemplars={m} but no record of {data_root} has a "
+                             "rationale to build a bank from; set config.emoprompt.bank")
+        save_bank(bank, bank_path)
+    return prefix_fn(load_bank(bank_path), m, ep.get("strategy", "fixed"))
+
+
 def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     from data_pipeline.records import iter_records
 

@@ -129,3 +129,22 @@ def test_build_with_teacher_callable():
     got = [(e.id, e.reasoning) for e in bank["emo_c"]]
     assert got == [("emo_c-0", "because joy"), ("emo_c-1", "because anger")]
     assert "The correct answer is: anger." in emoprompt.teacher_prompt(records[1])
+
+
+def test_from_config_builds_bank_once_and_respects_m(tmp_path):
+    import ml_collections
+
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [_record(i, "emo_c", "joy", f"Smile {i}.") for i in range(3)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = ml_collections.ConfigDict({"emoprompt": {"bank": "", "num_exemplars": 0},
+                                        "data": {"train_split": "train"}})
+    assert emoprompt.from_config(config, data, tmp_path / "work") is None
+    config.emoprompt.num_exemplars = 2
+    fn = emoprompt.from_config(config, data, tmp_path / "work")
+    assert (tmp_path / "work" / "emoprompt_bank.json").exists()
+    assert fn(records[0]).count("Example:") == 2 and "Smile 0." not in fn(records[0])
+    config.emoprompt.bank = str(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        emoprompt.from_config(config, data, tmp_path / "work")
