@@ -1,0 +1,99 @@
+"""Converts JSON/JSONL records into ArrayRecord shards with the media bytes embedded.
+
+    python -m data_pipeline.convert_arrayrecord IN.jsonl --data-root DIR --out PREFIX --num-shards N
+
+writes `PREFIX-00000-of-0000N.array_record`, ... (records in input order, contiguous blocks per shard). Images
+become `image_bytes`, frame lists / frame directories `video_frames_bytes`, video files `video_bytes` (raw
+container bytes); path fields are dropped. Shards are written under temporary names and renamed only when all
+are complete, so a failed run leaves no partial dataset. Read back with `sources.ArrayRecordSource(PREFIX)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from data_pipeline.records import ErrorBudget, RecordError, iter_records, validate_record
+from data_pipeline.sources import encode_record
+from data_pipeline.tfds_emobench import KIND_FIELD, read_media_bytes
+
+
+def embed_media(record: dict, data_root: str | os.PathLike) -> dict:
+    """The record with its media files read into bytes fields and the path fields removed."""
+    kind, blobs = read_media_bytes(record, data_root)
+    out = {k: v for k, v in record.items() if k not in ("image", "video")}
+    if kind:
+        out[KIND_FIELD[kind]] = blobs if kind == "frames" else blobs[0]
+    return out
+
+
+def convert(
+    inputs: Sequence[str | os.PathLike],
+    out_prefix: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike,
+    num_shards: int = 1,
+    max_errors: int = 0,
+) -> tuple[list[str], int]:
+    """Writes the shards; returns (shard paths, records written).
+
+    Invalid records (schema or unreadable media) are skipped against `max_errors`; past it
+    `ErrorBudgetExceeded` is raised and nothing is written.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if num_shards < 1:
+        raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
+    budget = ErrorBudget(max_errors)
+    payloads: list[bytes] = []
+    for path in inputs:
+        for line, record in iter_records(path):
+            errors = validate_record(record, source=path, line=line, data_root=data_root, check_media=False)
+            if not errors:
+                try:
+                    payloads.append(encode_record(embed_media(record, data_root), origin=f"{path}:{line}"))
+                    continue
+                except (OSError, ValueError) as e:
+                    errors = [RecordError(path, line, "media", str(e))]
+            budget.skip(errors)
+    out_prefix = os.fspath(out_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    finals = [f"{out_prefix}-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
+    temps = [os.path.join(os.path.dirname(os.path.abspath(f)), f".tmp-{os.getpid()}-{os.path.basename(f)}")
+             for f in finals]
+    try:
+        for k, tmp in enumerate(temps):
+            lo, hi = k * len(payloads) // num_shards, (k + 1) * len(payloads) // num_shards
+            writer = ArrayRecordWriter(tmp, "group_size:1")
+            for payload in payloads[lo:hi]:
+                writer.write(payload)
+            writer.close()
+        for tmp, final in zip(temps, finals, strict=True):
+            os.replace(tmp, final)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if budget.skipped:
+        print(budget.summary(), file=sys.stderr)
+    return finals, len(payloads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help=".json / .jsonl record files")
+    parser.add_argument("--data-root", required=True, help="directory the media paths are relative to")
+    parser.add_argument("--out", required=True, help="output prefix, e.g. data/emobench-train")
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--max-errors", type=int, default=0, help="invalid records to skip before failing")
+    args = parser.parse_args(argv)
+    paths, n = convert(args.inputs, args.out, data_root=args.data_root, num_shards=args.num_shards,
+                       max_errors=args.max_errors)
+    print(f"wrote {n} records to {len(paths)} shard(s): {paths[0]} ...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Random-access record sources over JSON / JSONL files, ArrayRecord shards and TFDS data sources.
+
+Every source has `__len__` and `__getitem__(i) -> Example`, which is all `grain.MapDataset.source` needs.
+An `Example` keeps the record together with where it came from, and the problems found in it, so the
+pipeline can skip bad records against an error budget and name them:
+
+    {"record": dict | None, "source": str, "line": int, "errors": list[RecordError]}
+
+`line` is the 1-based line for JSONL, the 1-based record number for a JSON list or an ArrayRecord shard set.
+Validation (C1's `validate_record`) is "lazy" (in `__getitem__`, inside Grain workers), "upfront" (all
+records at construction; `valid_indices()` then lists the good ones) or "none".
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from data_pipeline.records import RecordError, iter_records, validate_record
+
+Example = dict[str, Any]
+BYTES_FIELDS = ("image_bytes", "video_bytes")
+BYTES_LIST_FIELDS = ("video_frames_bytes",)
+VALIDATION_MODES = ("lazy", "upfront", "none")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Serialisation of records with embedded media (ArrayRecord payloads)
+
+
+def encode_record(record: Mapping[str, Any], origin: str = "") -> bytes:
+    """A record as UTF-8 JSON, its media bytes base64-encoded; `origin` ("in.jsonl:12") kept for errors."""
+    rec = dict(record)
+    for key in BYTES_FIELDS:
+        if rec.get(key) is not None:
+            rec[key] = base64.b64encode(rec[key]).decode("ascii")
+    for key in BYTES_LIST_FIELDS:
+        if rec.get(key) is not None:
+            rec[key] = [base64.b64encode(b).decode("ascii") for b in rec[key]]
+    return json.dumps({"record": rec, "origin": origin}, ensure_ascii=False).encode("utf-8")
+
+
+def decode_record(payload: bytes) -> tuple[dict[str, Any], str]:
+    """Inverse of `encode_record`: `(record, origin)`."""
+    obj = json.loads(payload)
+    rec = obj["record"]
+    for key in BYTES_FIELDS:
+        if rec.get(key) is not None:
+            rec[key] = base64.b64decode(rec[key])
+    for key in BYTES_LIST_FIELDS:
+        if rec.get(key) is not None:
+            rec[key] = [base64.b64decode(b) for b in rec[key]]
+    return rec, obj.get("origin", "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+
+
+class _ValidatingSource:
+    """Shared validation; subclasses give `__len__` and `_read(i) -> (record|None, source, line, errors)`."""
+
+    name: str
+
+    def __init__(
+        self,
+        *,
+        validate: str = "lazy",
+        data_root: str | os.PathLike | None = None,
+        num_frames: int | None = None,
+        check_media: bool = False,
+    ):
+        if validate not in VALIDATION_MODES:
+            raise ValueError(f"validate must be one of {VALIDATION_MODES}, got {validate!r}")
+        self.validate = validate
+        self.data_root = None if data_root is None else os.fspath(data_root)
+        self.num_frames = num_frames
+        self.check_media = check_media
+        self._valid: list[int] | None = None
+
+    def _read(self, index: int) -> tuple[dict | None, str, int, list[RecordError]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _check(self, record: dict | None, source: str, line: int, errors: list[RecordError]) -> list:
+        if record is None or errors or self.validate == "none":
+            return errors
+        return validate_record(
+            record, source=source, line=line, data_root=self.data_root, num_frames=self.num_frames,
+            check_media=self.check_media,
+        )
+
+    def __getitem__(self, index: int) -> Example:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+        record, source, line, errors = self._read(int(index))
+        if self.validate == "lazy":
+            errors = self._check(record, source, line, errors)
+        return {"record": record, "source": source, "line": line, "errors": errors}
+
+    def valid_indices(self) -> list[int]:
+        """Indices of the records without problems; with validate="upfront" computed once, up front."""
+        if self._valid is None:
+            good = []
+            for i in range(len(self)):
+                record, source, line, errors = self._read(i)
+                if not self._check(record, source, line, errors):
+                    good.append(i)
+            self._valid = good
+        return self._valid
+
+    def problems(self) -> list[RecordError]:
+        """Every problem in the source (reads and validates everything)."""
+        out: list[RecordError] = []
+        for i in range(len(self)):
+            record, source, line, errors = self._read(i)
+            out += self._check(record, source, line, errors)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} records, validate={self.validate!r})"
+
+
+class JsonRecordSource(_ValidatingSource):
+    """Records of a `.jsonl` file (random access by byte offset of each non-empty line) or a `.json` list.
+
+    JSONL lines are parsed on access, so a malformed line is an `Example` with a "json" error, not a crash.
+    The offsets index is built once (one pass over the file); file handles are opened per process, so the
+    source pickles into Grain workers.
+    """
+
+    def __init__(self, path: str | os.PathLike, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.path = os.fspath(path)
+        self.name = self.path
+        if self.path.endswith(".jsonl"):
+            self._offsets, self._lines = _line_index(self.path)
+            self._records = None
+        elif self.path.endswith(".json"):
+            errors: list[RecordError] = []
+            items = list(iter_records(self.path, errors=errors))
+            if errors and not items:
+                raise errors[0]
+            self._records = [rec for _, rec in items]
+            self._lines = [line for line, _ in items]
+        else:
+            raise ValueError(f"{self.path}: expected a .json or .jsonl record file")
+        self._file = None
+        if self.validate == "upfront":
+            self.valid_indices()
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def _read(self, index):
+        line = self._lines[index]
+        if self._records is not None:
+            return self._records[index], self.path, line, []
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for random access
+        self._file.seek(self._offsets[index])
+        text = self._file.readline()
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, self.path, line, [RecordError(self.path, line, "json", f"malformed JSON: {e}")]
+        if not isinstance(obj, dict):
+            err = RecordError(self.path, line, "json", f"expected a JSON object, got {type(obj).__name__}")
+            return None, self.path, line, [err]
+        return obj, self.path, line, []
+
+
+def _line_index(path: str) -> tuple[list[int], list[int]]:
+    """Byte offsets and 1-based line numbers of the non-empty lines of a text file."""
+    offsets, lines = [], []
+    pos = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                offsets.append(pos)
+                lines.append(lineno)
+            pos += len(raw)
+    return offsets, lines
+
+
+def shard_paths(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """ArrayRecord shard files from a list, a glob, or a `convert_arrayrecord` prefix (PREFIX-*-of-*)."""
+    if not isinstance(pattern, str | os.PathLike):
+        return [os.fspath(p) for p in pattern]
+    pattern = os.fspath(pattern)
+    if os.path.isfile(pattern):
+        return [pattern]
+    for candidate in (pattern, f"{pattern}-*-of-*.array_record"):
+        paths = sorted(glob.glob(candidate))
+        if paths:
+            return paths
+    raise FileNotFoundError(f"no ArrayRecord shards match {pattern!r} (tried it as a glob and as a prefix)")
+
+
+class ArrayRecordSource(_ValidatingSource):
+    """Records from ArrayRecord shards written by `convert_arrayrecord` (JSON payloads, media embedded)."""
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], **kwargs: Any):
+        import grain
+
+        super().__init__(**kwargs)
+        self.paths = shard_paths(paths)
+        self.name = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1})"
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        if self.validate == "upfront":
+            self.valid_indices()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _read(self, index):
+        line = index + 1
+        try:
+            record, origin = decode_record(self._source[index])
+        except (ValueError, KeyError) as e:
+            err = RecordError(self.name, line, "payload", f"undecodable record: {e}")
+            return None, self.name, line, [err]
+        source, _, origin_line = origin.rpartition(":")
+        if source and origin_line.isdigit():
+            return record, source, int(origin_line), []
+        return record, self.name, line, []
+
+
+class TfdsSource(_ValidatingSource):
+    """Records from a prepared `tfds_emobench` dataset, read with `tfds.data_source` (no TensorFlow)."""
+
+    def __init__(self, name: str, *, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
+        import tensorflow_datasets as tfds
+
+        from data_pipeline import tfds_emobench  # registers the builder
+
+        super().__init__(**kwargs)
+        self.name = f"tfds:{name}/{split}"
+        data_dir = None if data_dir is None else os.fspath(data_dir)
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        self._to_record = tfds_emobench.example_to_record
+        if self.validate == "upfront":
+            self.valid_indices()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _read(self, index):
+        return self._to_record(self._source[index]), self.name, index + 1, []
+
+
+def open_source(spec: str | os.PathLike, **kwargs: Any) -> _ValidatingSource:
+    """A source from a path: `.json`/`.jsonl` file, ArrayRecord shard/glob/prefix, or `tfds:NAME/SPLIT`.
+
+    For tfds, pass `data_dir=` (the TFDS data directory) in kwargs.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("tfds:"):
+        name, _, split = spec[len("tfds:"):].partition("/")
+        return TfdsSource(name, split=split or "train", **kwargs)
+    kwargs.pop("data_dir", None)
+    if spec.endswith((".json", ".jsonl")):
+        return JsonRecordSource(spec, **kwargs)
+    return ArrayRecordSource(spec, **kwargs)
