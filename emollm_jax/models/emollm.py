@@ -1,0 +1,275 @@
+"""EmoLLM: CLIP vision tower -> projector -> visual tokens spliced into a LLaMA-family decoder.
+
+This is the one place where an image becomes tokens. Phases (big_vision style), each a method:
+``embed_media`` (frames -> visual tokens per sample), ``embed_inputs`` (text embeddings with the visual tokens
+written at the ``image_token_id`` positions) and ``__call__`` (the decoder, optionally with a KV cache).
+
+Splicing is a static-shape gather: the j-th image-token position of a sample (counted with a cumsum) takes
+the j-th visual token of that sample, so the number of image-token positions must equal the sample's visual
+tokens (``visual_tokens_per_media`` per media item; the data pipeline expands each marker to exactly that).
+That count is data, so under ``jax.jit`` it cannot be checked; with concrete (non-traced) inputs
+``embed_inputs`` checks it and raises, and ``check_media_tokens`` does the same check on host arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emollm_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from emollm_jax.models.projectors import ProjectorConfig, build_projector, num_output_tokens
+from emollm_jax.models.vit import CLIPVisionTransformer, VisionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EmoLLMConfig:
+    """Vision tower, projector and decoder configs plus how visual features become tokens."""
+
+    vision: VisionConfig
+    projector: ProjectorConfig
+    text: LlamaConfig
+    image_token_id: int
+    vision_feature_layer: int = -2  # LLaVA's penultimate layer
+    vision_feature_select: str = "patch"  # "patch" (drop class token) | "full"
+    video_pooling: str = "concat"  # "concat": frames' tokens concatenated | "mean": averaged over frames
+    freeze_vision: bool = True  # stop_gradient on the tower's output
+
+    def __post_init__(self):
+        depth = self.vision.num_layers + 1  # hidden_states: embeddings + one per layer
+        layers = [("vision_feature_layer", self.vision_feature_layer)]
+        if self.projector.kind == "mvp" and "multilevel" in self.projector.perspectives:
+            layers += [("projector.levels", i) for i in self.projector.levels]
+        for name, i in layers:
+            if not -depth <= i < depth:
+                raise ValueError(f"EmoLLMConfig.{name}={i}: the tower has {depth} hidden states")
+        if self.vision_feature_select not in ("patch", "full"):
+            raise ValueError(
+                f"EmoLLMConfig.vision_feature_select={self.vision_feature_select!r}: patch | full"
+            )
+        if self.video_pooling not in ("concat", "mean"):
+            raise ValueError(f"EmoLLMConfig.video_pooling={self.video_pooling!r}: concat | mean")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        patches = self.vision.num_patches + (self.vision_feature_select == "full")
+        return num_output_tokens(self.projector, patches)
+
+
+def visual_tokens_per_media(cfg: EmoLLMConfig, num_frames: int) -> int:
+    """Visual tokens one image (num_frames=1) or video takes in the text; the pipeline expands each marker
+    to exactly this many ``image_token_id``s."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames={num_frames}: a media item has at least one frame")
+    return cfg.tokens_per_frame * (num_frames if cfg.video_pooling == "concat" else 1)
+
+
+def check_media_tokens(cfg: EmoLLMConfig, input_ids: np.ndarray, frame_media: np.ndarray | None) -> None:
+    """Raises ValueError naming the sample when its image-token count differs from its visual tokens.
+
+    input_ids int[B, T]; frame_media int[B, K] (-1 = padding slot) or None (no media).
+    """
+    input_ids = np.asarray(input_ids)
+    have = (input_ids == cfg.image_token_id).sum(axis=1)
+    for b in range(input_ids.shape[0]):
+        media = (
+            np.zeros((0,), np.int64) if frame_media is None else np.asarray(frame_media)[b].astype(np.int64)
+        )
+        real = media[media >= 0]
+        if (media[len(real) :] != -1).any() or (np.diff(real) < 0).any() or (real.size and real[0] != 0):
+            raise ValueError(
+                f"sample {b}: frame_media {media.tolist()} must be non-decreasing media indices from 0 with "
+                "padding slots (-1) last"
+            )
+        frames = np.bincount(real)
+        want = sum(visual_tokens_per_media(cfg, int(n)) for n in frames if n > 0)
+        if have[b] != want:
+            raise ValueError(
+                f"sample {b}: {have[b]} image tokens (id {cfg.image_token_id}) in input_ids, but its media "
+                f"give {want} visual tokens ({len(frames)} media, frames per media {frames.tolist()})"
+            )
+
+
+def _is_concrete(*xs: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def _normalise_media(pixel_values: jax.Array, frame_media: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """float[B, H, W, C] or float[B, K, H, W, C] -> (float[B, K, H, W, C], int32[B, K]); without frame_media
+    every slot is its own image."""
+    if pixel_values.ndim == 4:
+        pixel_values = pixel_values[:, None]
+    if pixel_values.ndim != 5:
+        raise ValueError(
+            f"pixel_values has shape {pixel_values.shape}; expected [B, K, H, W, C] or [B, H, W, C]"
+        )
+    b, k = pixel_values.shape[:2]
+    if frame_media is None:
+        frame_media = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+    if frame_media.shape != (b, k):
+        raise ValueError(f"frame_media has shape {frame_media.shape}; pixel_values has {b} x {k} frame slots")
+    return pixel_values, frame_media.astype(jnp.int32)
+
+
+class EmoLLM(nnx.Module):
+    """``.vision`` (CLIP tower), ``.projector`` (mlp2x / linear / MVP), ``.llm`` (LlamaForCausalLM)."""
+
+    def __init__(self, config: EmoLLMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.vision = CLIPVisionTransformer(config.vision, rngs=rngs)
+        self.projector = build_projector(
+            config.projector,
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            rngs,
+            dtype=jnp.dtype(config.text.dtype),
+            param_dtype=jnp.dtype(config.text.param_dtype),
+        )
+        self.llm = LlamaForCausalLM(config.text, rngs=rngs)
+
+    def vision_features(self, pixels: jax.Array) -> dict[str, jax.Array]:
+        """float[N, H, W, C] -> the projector's inputs: {"patches": float[N, P, Dv], "cls": float[N, Dv],
+        "levels": float[L, N, P, Dv] (MVP multilevel only)}; "cls" = the selected layer's class token."""
+        cfg = self.config
+        hidden = self.vision(pixels).hidden_states
+        if cfg.freeze_vision:
+            hidden = tuple(jax.lax.stop_gradient(h) for h in hidden)
+        start = 1 if cfg.vision_feature_select == "patch" else 0
+        selected = hidden[cfg.vision_feature_layer]
+        features = {"patches": selected[:, start:], "cls": selected[:, 0]}
+        pcfg = cfg.projector
+        if pcfg.kind == "mvp" and "multilevel" in pcfg.perspectives:
+            features["levels"] = jnp.stack([hidden[i][:, start:] for i in pcfg.levels])
+        return features
+
+    def embed_media(self, pixel_values: jax.Array, frame_media: jax.Array | None = None) -> jax.Array:
+        """Visual tokens of each sample in media order, padded at the end.
+
+        pixel_values float[B, K, H, W, C] (NHWC frames; also [B, H, W, C] = one image each); frame_media
+        int32[B, K]: media index of each frame slot, non-decreasing, -1 = padding slot (default: each slot its
+        own image). Returns float[B, K * F, D] with F = tokens per frame: with ``video_pooling="concat"`` the
+        frames' tokens in slot order; with "mean" media m's frame-averaged tokens at [m * F, (m + 1) * F).
+        Padding slots come out as zeros (and are never referenced by image tokens).
+        """
+        pixel_values, frame_media = _normalise_media(pixel_values, frame_media)
+        b, k = frame_media.shape
+        tokens = self.projector(self.vision_features(pixel_values.reshape(b * k, *pixel_values.shape[2:])))
+        tokens = tokens.reshape(b, k, *tokens.shape[1:])  # [B, K, F, D]
+        real = (frame_media >= 0).astype(tokens.dtype)[:, :, None, None]
+        tokens = tokens * real
+        if self.config.video_pooling == "mean":
+            onehot = (frame_media[:, None, :] == jnp.arange(k)[None, :, None]).astype(
+                jnp.float32
+            )  # [B, M, K]
+            weights = onehot / jnp.maximum(onehot.sum(-1, keepdims=True), 1.0)
+            tokens = jnp.einsum("bmk,bkfd->bmfd", weights.astype(tokens.dtype), tokens)
+        return tokens.reshape(b, -1, tokens.shape[-1])
+
+    def embed_inputs(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        frame_media: jax.Array | None = None,
+    ) -> jax.Array:
+        """Text embeddings float[B, T, D], the j-th ``image_token_id`` position of each row replaced by its
+        j-th visual token. Rows without image tokens are plain text. With ``pixel_values=None`` every id is
+        embedded as text, image id included (decode steps after a multimodal prefill, as HF Llava does)."""
+        cfg = self.config
+        if pixel_values is None:
+            return self.llm.embed(input_ids)
+        is_image = input_ids == cfg.image_token_id
+        pixel_values, frame_media = _normalise_media(pixel_values, frame_media)
+        if _is_concrete(input_ids, frame_media):
+            check_media_tokens(cfg, np.asarray(input_ids), np.asarray(frame_media))
+        media = self.embed_media(pixel_values, frame_media)  # [B, M, D]
+        text = self.llm.embed(jnp.where(is_image, 0, input_ids))  # image ids may lie outside the vocab
+        slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, media.shape[1] - 1)
+        gathered = jnp.take_along_axis(media, slot[..., None], axis=1).astype(text.dtype)
+        return jnp.where(is_image[..., None], gathered, text)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        pixel_values: jax.Array | None = None,
+        frame_media: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        """int32[B, T] (+ media) -> logits float32[B, T, V] (or hidden float[B, T, D] with return_hidden),
+        or ``(out, new_cache)`` when a cache is passed (media go in with the prefill chunk; decode steps pass
+        ``pixel_values=None``)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, frame_media)
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            positions=positions,
+            cache=cache,
+            return_hidden=return_hidden,
+        )
+
+
+def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfig:
+    """EmoLLMConfig of an HF ``LlavaForConditionalGeneration`` config dict (mlp2x_gelu projector)."""
+    if hf.get("model_type", "llava") != "llava":
+        raise ValueError(f"config model_type={hf.get('model_type')!r}; expected 'llava'")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"config vision_feature_layer={layer!r}: only a single layer index is supported")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"config vision_feature_select_strategy={strategy!r}: expected 'default' or 'full'")
+    act = hf.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"config projector_hidden_act={act!r}: only 'gelu' (exact) is supported")
+    if not hf.get("multimodal_projector_bias", True):
+        raise ValueError("config multimodal_projector_bias=False is not supported")
+    text = dict(hf["text_config"])
+    text.setdefault("model_type", "llama")
+    kwargs = dict(
+        vision=VisionConfig.from_hf(hf["vision_config"]),
+        projector=ProjectorConfig(kind="mlp2x_gelu"),
+        text=LlamaConfig.from_hf(text),
+        image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
+        vision_feature_layer=int(layer),
+        vision_feature_select="patch" if strategy == "default" else "full",
+    )
+    kwargs.update(overrides)
+    return EmoLLMConfig(**kwargs)
+
+
+def config_to_llava_hf(cfg: EmoLLMConfig) -> dict[str, Any]:
+    """The HF Llava config dict of an EmoLLM with the mlp2x_gelu projector (single image per sample)."""
+    if cfg.projector.kind != "mlp2x_gelu":
+        raise ValueError(
+            f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart (mlp2x_gelu only)"
+        )
+    if cfg.image_token_id >= cfg.text.vocab_size:
+        raise ValueError(
+            f"image_token_id={cfg.image_token_id} must lie inside the vocab ({cfg.text.vocab_size})"
+        )
+    text = cfg.text.to_hf()
+    text.pop("architectures", None)
+    vision = cfg.vision.to_hf()
+    vision.pop("architectures", None)
+    return dict(
+        architectures=["LlavaForConditionalGeneration"],
+        model_type="llava",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=cfg.image_token_id,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default" if cfg.vision_feature_select == "patch" else "full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        image_seq_length=cfg.tokens_per_frame,
+        tie_word_embeddings=cfg.text.tie_word_embeddings,
+        dtype=cfg.text.param_dtype,
+    )
