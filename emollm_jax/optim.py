@@ -1,0 +1,161 @@
+"""Per-stage optimizer: AdamW, warmup + cosine/constant schedule, clipping, accumulation, frozen groups.
+
+Parameters fall into groups by where they live in EmoLLM (`vision`, `projector`, `llm`; LoRA adapters anywhere
+form `lora`). A stage trains some groups and freezes the rest. Frozen groups go through `optax.set_to_zero()`
+inside `optax.multi_transform`, so they get no Adam moments (`optax.masked` would still allocate them) and
+are left out of the clipping norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+GROUPS: tuple[str, ...] = ("vision", "projector", "llm", "lora")
+_TOP_LEVEL = {"vision": "vision", "projector": "projector", "llm": "llm"}
+
+
+def _key(k: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
+
+
+def param_group(path: Sequence[Any]) -> str:
+    """Group of the parameter at `path` (strings/ints or jax key-path entries).
+
+    `('vision', ...)` -> vision, `('projector', ...)` -> projector, any path through a `lora` adapter -> lora,
+    everything else -> llm (so a bare LlamaForCausalLM, rooted at `model`/`lm_head`, is all "llm").
+    """
+    keys = [_key(k) for k in path]
+    if "lora" in keys:
+        return "lora"
+    return _TOP_LEVEL.get(keys[0], "llm") if keys else "llm"
+
+
+def group_labels(tree: Any) -> Any:
+    """The same tree with every leaf replaced by its `param_group` name."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), tree)
+
+
+def decay_mask(tree: Any) -> Any:
+    """True for leaves that get weight decay: kernels and embedding tables (ndim >= 2), not norms/biases."""
+    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
+
+
+def lr_schedule(
+    peak: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine", end_value: float = 0.0
+) -> Callable[[jax.Array | int], jax.Array]:
+    """lr(step): linear warmup 0 -> peak over `warmup_steps`, then cosine to `end_value` at `total_steps`
+    (or constant). Steps count optimizer updates (after gradient accumulation)."""
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"schedule={kind!r}: expected 'cosine' or 'constant'")
+    if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"schedule: need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), "
+            "total_steps > 0"
+        )
+
+    def lr(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup_steps, 1)
+        if kind == "constant":
+            after = jnp.asarray(peak, jnp.float32)
+        else:
+            progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+            after = end_value + (peak - end_value) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.where(step < warmup_steps, warm, after)
+
+    return lr
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """What the training loop needs: `tx` for init/update, `lr_fn(step)` for logging, the group split.
+
+    With `grad_accum` > 1, `tx` holds an `optax.MultiSteps` in the trainable branch: call `tx.update` once per
+    micro-batch; it applies the mean update every `grad_accum` calls and returns zeros in between.
+    """
+
+    tx: optax.GradientTransformation
+    lr_fn: Callable[[jax.Array | int], jax.Array]
+    trainable_groups: tuple[str, ...]
+    grad_accum: int
+
+    def labels(self, params: Any) -> Any:
+        """Tree of "trainable" / "frozen" matching `params`."""
+        return jax.tree.map(
+            lambda g: "trainable" if g in self.trainable_groups else "frozen", group_labels(params)
+        )
+
+    def trainable_mask(self, params: Any) -> Any:
+        return jax.tree.map(lambda g: g in self.trainable_groups, group_labels(params))
+
+
+def _get(stage: Any, key: str, default: Any = None) -> Any:
+    return stage.get(key, default)  # dict and ml_collections.ConfigDict alike
+
+
+def make_optimizer(stage: Any, params: Any, total_steps: int) -> Optimizer:
+    """Optimizer for one stage (ml_collections.ConfigDict or dict) over `params` (nnx.State or pytree).
+
+    Stage keys: `trainable` (groups), `lr`, `schedule` ("cosine" | "constant"), `warmup_steps` or
+    `warmup_ratio`, `weight_decay`, `b1`, `b2`, `eps`, `grad_clip` (global norm; 0 = off), `grad_accum`.
+    `total_steps` counts optimizer updates of this stage.
+    """
+    trainable = tuple(_get(stage, "trainable", ()))
+    unknown = [g for g in trainable if g not in GROUPS]
+    if unknown or not trainable:
+        what = f"unknown group {unknown[0]!r}" if unknown else "empty"
+        raise ValueError(
+            f"stage.trainable={list(trainable)}: {what}; expected a non-empty subset of {GROUPS}"
+        )
+    present = set(jax.tree.leaves(group_labels(params)))
+    missing = [g for g in trainable if g not in present]
+    if missing:
+        raise ValueError(
+            f"stage.trainable names group {missing[0]!r}, but no parameter belongs to it "
+            f"(groups present: {sorted(present)})"
+        )
+    warmup = _get(stage, "warmup_steps", None)
+    if warmup is None:
+        warmup = int(round(float(_get(stage, "warmup_ratio", 0.0)) * total_steps))
+    kind = str(_get(stage, "schedule", "cosine"))
+    lr_fn = lr_schedule(float(_get(stage, "lr")), total_steps, int(warmup), kind)
+    grad_accum = int(_get(stage, "grad_accum", 1))
+    if grad_accum < 1:
+        raise ValueError(f"stage.grad_accum={grad_accum}: must be >= 1")
+
+    parts = []
+    clip = float(_get(stage, "grad_clip", 0.0) or 0.0)
+    if clip > 0:
+        parts.append(optax.clip_by_global_norm(clip))
+    parts.append(
+        optax.adamw(
+            lr_fn,
+            b1=float(_get(stage, "b1", 0.9)),
+            b2=float(_get(stage, "b2", 0.999)),
+            eps=float(_get(stage, "eps", 1e-8)),
+            weight_decay=float(_get(stage, "weight_decay", 0.0)),
+            mask=decay_mask,
+        )
+    )
+    inner = optax.chain(*parts)
+    if grad_accum > 1:
+        inner = optax.MultiSteps(inner, every_k_schedule=grad_accum)
+    opt = Optimizer(tx=optax.identity(), lr_fn=lr_fn, trainable_groups=trainable, grad_accum=grad_accum)
+    tx = optax.multi_transform({"trainable": inner, "frozen": optax.set_to_zero()}, opt.labels)
+    return dataclasses.replace(opt, tx=tx)
+
+
+def state_bytes(opt_state: Any) -> int:
+    """Bytes held by an optimizer state (what freezing saves)."""
+    leaves = [x for x in jax.tree.leaves(opt_state) if hasattr(x, "dtype")]
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)
