@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from emollm_jax import eval_report
-from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, normalize
+from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
 
 OBJECTIVE_TASKS = ("caption", "vqa")
 
@@ -184,4 +184,159 @@ def assemble_results(per_split: Mapping[str, Mapping[str, Any]], main_split: str
         control = per_split[control_split]
         results["control"] = {"split": control_split, "tasks": control["tasks"],
                               "emobench_mean": control["emobench_mean"], "drop": control_drop(main, control)}
+    return results
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def decode_answer(ids: Sequence[int], tokenizer: Any, stop_ids: Iterable[int]) -> str:
+    """Text of generated ids up to (not including) the first stop id, without special tokens."""
+    stops = set(int(s) for s in stop_ids)
+    kept = []
+    for t in ids:
+        if int(t) in stops:
+            break
+        kept.append(int(t))
+    kept = [t for t in kept if t != tokenizer.pad_id]
+    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray], Sequence[Mapping]]],
+                     tokenizer: Any, *, max_new_tokens: int, stop_ids: Sequence[int],
+                     total: int | None = None, desc: str = "eval",
+                     generate_fn: Callable[..., Any] | None = None,
+                     progress: bool = True) -> tuple[list[Mapping], list[str]]:
+    """Greedy answers for every prompt of `batches` ((left-padded batch, metadata rows) pairs).
+
+    A batch may hold padding rows beyond its metadata (fixed shapes avoid recompiles); they are ignored.
+    `generate_fn` defaults to `emollm_jax.generate.generate`; it returns the new tokens `int32[B, N]`.
+    """
+    from tqdm.auto import tqdm
+
+    if generate_fn is None:
+        from emollm_jax.generate import generate as generate_fn
+    metas: list[Mapping] = []
+    answers: list[str] = []
+    for batch, rows in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+        out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
+                          pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
+                          max_new_tokens=max_new_tokens, eos_id=int(stop_ids[0]), pad_id=tokenizer.pad_id)
+        tokens = np.asarray(out)
+        for row, meta in zip(tokens, rows, strict=False):
+            metas.append(meta)
+            answers.append(decode_answer(row, tokenizer, stop_ids))
+    return metas, answers
+
+
+# ------------------------------------------------------------------------------------------- composition
+
+
+def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
+               init_from: str | None = None) -> tuple[Any, str]:
+    """The model to evaluate and where its weights came from: `init_from` (HF dir or params checkpoint) if
+    given, else the latest checkpoint under `<workdir>/checkpoints`."""
+    from flax import nnx
+
+    from emollm_jax import experiment
+
+    model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
+                                        image_token_id=tokenizer.image_token_id)
+    model = experiment.new_model(model_cfg, int(config.seed))
+    if init_from:
+        experiment.load_initial_weights(config, model, init_from)
+        return model, str(init_from)
+    from emollm_jax.checkpoint import Checkpointer
+
+    ckpt_dir = Path(workdir) / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir) if ckpt_dir.exists() else None
+    step = ckpt.latest_step() if ckpt is not None else None
+    if step is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate; train first (--mode=train) or pass "
+                                "--init_from=<HF dir or params checkpoint>")
+    params = Checkpointer.restore_params(ckpt_dir, nnx.state(model, nnx.Param), None)
+    nnx.update(model, params)
+    ckpt.close()
+    return model, f"{ckpt_dir} step {step}"
+
+
+def record_batches(config: Any, records_path: str | os.PathLike, data_root: str | os.PathLike, tokenizer: Any,
+                   model: Any, *, prompt_prefix: Callable[[Mapping], str] | None = None,
+                   max_examples: int = 0) -> tuple[Iterable, int]:
+    """(batches, number of batches) of left-padded prompts for every record of a file, via C2's pipeline."""
+    from data_pipeline import pipeline
+    from emollm_jax.models.emollm import visual_tokens_per_media
+
+    model_cfg = model.config
+    it = pipeline.make_eval_batches(
+        records_path,
+        root=data_root,
+        tokenizer=tokenizer,
+        template=config.data.template,
+        batch_size=int(config.eval.batch_size),
+        image_size=int(config.model.vision.image_size),
+        num_frames=int(config.data.num_frames),
+        tokens_per_media=lambda frames: visual_tokens_per_media(model_cfg, frames),
+        prompt_prefix=prompt_prefix,
+        max_examples=max_examples,
+    )
+    return it, getattr(it, "num_batches", None)
+
+
+def stop_ids(config: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the template's end-of-turn token, then eos."""
+    from data_pipeline.text import end_of_turn_id
+
+    eot = end_of_turn_id(config.data.template, tokenizer)
+    return list(dict.fromkeys([int(eot), int(tokenizer.eos_id)]))
+
+
+def answer_parser(config: Any) -> AnswerParser:
+    """Default synonym table, extended by `config.eval.synonyms` (a JSON file) when set."""
+    path = config.eval.get("synonyms", "")
+    return AnswerParser(load_synonyms(path)) if path else AnswerParser()
+
+
+def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
+             splits: Sequence[str] | None = None, init_from: str | None = None,
+             out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluates on `splits` (default: `config.data.eval_split` and its blank-image control when present) and
+    writes `<workdir>/eval/{results.json, report.md, predictions.jsonl, confusion_<task>.png}`.
+
+    `model`/`tokenizer` skip loading (e.g. right after training). Returns the results.json content.
+    """
+    import jax
+
+    from emollm_jax import emoprompt, experiment
+
+    setup = experiment.prepare_data(config, workdir)
+    tokenizer = tokenizer or experiment.load_tokenizer(setup)
+    checkpoint = "in-memory model"
+    if model is None:
+        model, checkpoint = load_model(config, workdir, tokenizer, init_from)
+    main_split = config.data.eval_split
+    control = config.eval.get("control_split", "") or f"{main_split}_blank"
+    if splits is None:
+        splits = [main_split] + ([control] if (Path(setup.root) / f"{control}.jsonl").exists() else [])
+    prefix = emoprompt.from_config(config, setup.root, workdir)
+    parser = answer_parser(config)
+    stops = stop_ids(config, tokenizer)
+    per_split: dict[str, dict[str, Any]] = {}
+    predictions: list[Prediction] = []
+    for split in splits:
+        path = Path(setup.root) / f"{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no record file for eval split {split!r}")
+        batches, total = record_batches(config, path, setup.root, tokenizer, model, prompt_prefix=prefix,
+                                        max_examples=int(config.eval.max_examples))
+        metas, answers = generate_answers(
+            model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens), stop_ids=stops,
+            total=total, desc=f"eval {split}", progress=progress and jax.process_index() == 0)
+        preds = parse_predictions(metas, answers, split=split, parser=parser)
+        per_split[split] = score(preds)
+        predictions += preds
+    results = assemble_results(per_split, splits[0], control if control != splits[0] else None,
+                               checkpoint=checkpoint)
+    if jax.process_index() == 0:
+        write_outputs(Path(out_dir) if out_dir else Path(workdir) / "eval", results, predictions)
     return results
