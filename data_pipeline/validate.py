@@ -1,9 +1,9 @@
-"""Validate EmoBench record files: `python -m data_pipeline.validate PATH... [--data-root DIR] [--num-frames T]`.
+"""Validate EmoBench record files and report every problem.
 
-Prints every problem as `file:line: field: message`, then a per-task table (records, ok, bad).
-Exit status 1 if any record (or line) is bad, else 0. Media paths resolve against `--data-root`, by default the
-directory of each file.
-"""
+`python -m data_pipeline.validate PATH... [--data-root DIR] [--num-frames T] [--max-text-chars N]`
+prints every problem as `file:line: field: message`, then a per-task table (records, ok, bad); exit status 1
+if any record (or line) is bad, else 0. Media paths resolve against `--data-root`, by default each file's
+directory."""
 
 from __future__ import annotations
 
@@ -38,8 +38,15 @@ def validate_files(
         parse_errors: list[RecordError] = []
         try:
             for line, record in iter_records(path, errors=parse_errors):
-                errs = validate_record(record, source=path, line=line, data_root=root, num_frames=num_frames,
-                                       max_text_chars=max_text_chars, check_media=check_media)
+                errs = validate_record(
+                    record,
+                    source=path,
+                    line=line,
+                    data_root=root,
+                    num_frames=num_frames,
+                    max_text_chars=max_text_chars,
+                    check_media=check_media,
+                )
                 task = record.get("task") if isinstance(record.get("task"), str) else UNPARSED
                 table[task].update(records=1, ok=not errs, bad=bool(errs))
                 problems.extend(errs)
@@ -61,15 +68,22 @@ def format_table(table: dict[str, collections.Counter]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.validate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.validate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("paths", nargs="+", help=".json (list of records) or .jsonl files")
     parser.add_argument("--data-root", default=None, help="media root (default: each file's directory)")
     parser.add_argument("--num-frames", type=int, default=None, help="frames a video must have at least")
     parser.add_argument("--max-text-chars", type=int, default=None, help="longest allowed conversation text")
     parser.add_argument("--no-media", action="store_true", help="skip opening media files (schema only)")
     args = parser.parse_args(argv)
-    problems, table = validate_files(args.paths, data_root=args.data_root, num_frames=args.num_frames,
-                                     max_text_chars=args.max_text_chars, check_media=not args.no_media)
+    problems, table = validate_files(
+        args.paths,
+        data_root=args.data_root,
+        num_frames=args.num_frames,
+        max_text_chars=args.max_text_chars,
+        check_media=not args.no_media,
+    )
     for p in problems:
         print(p)
     if problems:

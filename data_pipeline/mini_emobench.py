@@ -1,0 +1,582 @@
+"""mini-EmoBench: a deterministic, procedurally drawn EmoBench stand-in that a tiny model learns in minutes.
+
+`python -m data_pipeline.mini_emobench --out DIR [--seed S] [--blank-control] [--video-files]`
+
+Every label follows from large visible cues at 64x64 (16x16 patches): a face filling the image whose brows,
+eyes and mouth encode one of six emotions; a held object or night scene for intent; the face colour, weather
+scene or expression that a caption agrees or clashes with for hate / humor / sarcasm (their captions alone
+are at chance: each caption occurs equally often with both labels); shapes and colours for the objective
+caption / vqa tasks.
+`card.json` states the rules. Same seed -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+VERSION = 1
+IMAGE_SIZE = 64
+NUM_FRAMES = 4
+EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
+INTENTS = ("to be left alone", "to eat", "to get help", "to play", "to sleep")
+YES_NO = ("no", "yes")
+BOTH = (False, True)
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # task -> (train, test)
+    "emo_c": (400, 60), "emo_o": (400, 60), "intent": (400, 60), "hate": (400, 60), "humor": (400, 60),
+    "sarcasm": (400, 60), "caption": (300, 60), "vqa": (300, 60),
+}
+BLANK_GREY = (128, 128, 128)
+INK = (20, 20, 20)
+
+# Emotion -> (brows, eyes, mouth, tears); every part is drawn large so one 16x16 patch row shows it.
+CUES = {
+    "joy": ("level", "round", "smile", False),
+    "sadness": ("inner-raised", "round", "frown", True),
+    "anger": ("inner-lowered", "narrow", "flat", False),
+    "fear": ("inner-raised", "wide", "small-open", False),
+    "surprise": ("high-arched", "wide", "big-open", False),
+    "disgust": ("low", "narrow", "wavy", False),
+}
+NEUTRAL = ("level", "round", "thin", False)
+SLEEPY = ("level", "closed", "thin", False)
+CUE_WORDS = {
+    "level": "level brows", "inner-raised": "brows raised at the inner ends",
+    "inner-lowered": "brows pulled down at the inner ends", "high-arched": "high arched brows",
+    "low": "low flat brows", "round": "relaxed round eyes", "narrow": "narrowed eyes",
+    "wide": "wide open eyes", "closed": "closed eyes", "smile": "a mouth curving up",
+    "frown": "a mouth curving down", "flat": "a tight flat mouth", "small-open": "a small open mouth",
+    "big-open": "a wide open mouth", "wavy": "a twisted wavy mouth", "thin": "a thin relaxed mouth",
+}
+SKIN = ((255, 222, 180), (240, 195, 130), (225, 170, 110), (200, 140, 90), (170, 110, 70))
+BACKGROUNDS = ((170, 200, 230), (200, 230, 190), (230, 210, 170), (215, 190, 225), (190, 190, 190))
+GROUP_COLOURS = {"green": (70, 180, 70), "purple": (150, 80, 210), "orange": (245, 140, 30)}
+SHAPE_COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ("zero", "one", "two")
+
+INSTRUCTIONS = {
+    "emo_c": (
+        "Identify the only emotion depicted in the given {media} from the following options: [{options}].",
+        "Which emotion does the person in the {media} show? Choose one of these options: [{options}].",
+        "Select the emotion expressed by the face in the {media} from these options: [{options}].",
+    ),
+    "emo_o": (
+        "What emotion is depicted in the given {media}? Answer with one word.",
+        "Describe the emotion of the person in the {media} with a single word.",
+        "Which emotion does the face in the {media} express? Answer with one word.",
+    ),
+    "intent": (
+        "What does the person in the {media} want? Choose one of the following options: [{options}].",
+        "Identify the intention of the person in the given {media} from the following options: [{options}].",
+    ),
+    "hate": (
+        'The {media} is posted with the caption: "{caption}" Is this post hateful? Answer yes or no.',
+        'Caption: "{caption}" Considering both the {media} and the caption, is this meme hateful? '
+        "Answer yes or no.",
+    ),
+    "humor": (
+        'The {media} is posted with the caption: "{caption}" Is this post humorous? Answer yes or no.',
+        'Caption: "{caption}" Considering both the {media} and the caption, is this funny? Answer yes or no.',
+    ),
+    "sarcasm": (
+        'The person in the {media} posted: "{caption}" Is this post sarcastic? Answer yes or no.',
+        'Caption: "{caption}" Considering the face in the {media} and the caption, is this sarcastic? '
+        "Answer yes or no.",
+    ),
+    "caption": ("Describe the {media}.", "Write a short caption for the {media}.", "What is in the {media}?"),
+}
+HATE_CAPTIONS = ("Typical {c} one. Pathetic.", "Ugh, another {c} one. Get out.", "No {c} ones allowed here.")
+SARCASM_CAPTIONS = {
+    "positive": ("I just love Mondays.", "Best day ever!", "What a wonderful morning.", "Life is great."),
+    "negative": ("Worst day ever.", "This is terrible.", "I hate surprises.", "Everything is ruined."),
+}
+WEATHER = ("sunny", "rainy", "snowy")
+HUMOR_CAPTIONS = {
+    "sunny": ("Perfect weather for sunbathing!", "Not a single cloud in the sky today."),
+    "rainy": ("Do not forget your umbrella today.", "Great weather for ducks!"),
+    "snowy": ("Time to build a snowman!", "Bundle up, it is freezing out there."),
+}
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+
+def _jit(rng: np.random.Generator, k: int = 2) -> int:
+    return int(rng.integers(-k, k + 1))
+
+
+def draw_face(cues: tuple[str, str, str, bool], *, skin: tuple[int, int, int],
+              background: tuple[int, int, int], rng: np.random.Generator, held: str | None = None,
+              night: bool = False, shift: tuple[int, int] = (0, 0)) -> Image.Image:
+    """A 64x64 face filling the image; `cues` = (brows, eyes, mouth, tears) from `CUES`."""
+    brows, eyes, mouth, tears = cues
+    dx, dy = shift[0] + _jit(rng, 1), shift[1] + _jit(rng, 1)
+    bg = (25, 25, 70) if night else background
+    im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(im)
+    if night:  # a moon in the top-right corner
+        d.ellipse((50, 1, 62, 13), fill=(250, 240, 150))
+        d.ellipse((46, 0, 57, 10), fill=bg)
+    d.ellipse((3 + dx, 2 + dy, 60 + dx, 63 + dy), fill=skin, outline=INK, width=2)
+
+    def p(x: float, y: float) -> tuple[float, float]:
+        return (x + dx, y + dy)
+
+    brow_lines = {
+        "level": ((12, 16, 27, 16), (37, 16, 52, 16)),
+        "inner-raised": ((12, 19, 27, 11), (37, 11, 52, 19)),
+        "inner-lowered": ((12, 11, 27, 19), (37, 19, 52, 11)),
+        "low": ((12, 20, 27, 20), (37, 20, 52, 20)),
+    }
+    if brows == "high-arched":
+        for x0 in (11, 36):
+            d.arc((*p(x0, 6), *p(x0 + 17, 20)), 200, 340, fill=INK, width=4)
+    else:
+        for x0, y0, x1, y1 in brow_lines[brows]:
+            d.line((*p(x0, y0), *p(x1, y1)), fill=INK, width=4)
+    for cx in (20, 44):
+        if eyes == "round":
+            d.ellipse((*p(cx - 4, 22), *p(cx + 4, 30)), fill=INK)
+        elif eyes == "wide":
+            d.ellipse((*p(cx - 7, 19), *p(cx + 7, 33)), fill=(255, 255, 255), outline=INK, width=2)
+            d.ellipse((*p(cx - 3, 23), *p(cx + 3, 29)), fill=INK)
+        elif eyes == "narrow":
+            d.line((*p(cx - 6, 26), *p(cx + 6, 26)), fill=INK, width=3)
+        elif eyes == "closed":
+            d.arc((*p(cx - 6, 20), *p(cx + 6, 30)), 20, 160, fill=INK, width=3)
+    if tears:
+        d.ellipse((*p(14, 32), *p(20, 42)), fill=(40, 110, 255))
+        d.ellipse((*p(44, 32), *p(50, 42)), fill=(40, 110, 255))
+    if mouth == "smile":
+        d.arc((*p(16, 28), *p(48, 54)), 15, 165, fill=INK, width=5)
+    elif mouth == "frown":
+        d.arc((*p(16, 44), *p(48, 66)), 200, 340, fill=INK, width=5)
+    elif mouth == "flat":
+        d.line((*p(18, 48), *p(46, 48)), fill=INK, width=6)
+    elif mouth == "thin":
+        d.line((*p(22, 48), *p(42, 48)), fill=INK, width=2)
+    elif mouth == "small-open":
+        d.ellipse((*p(26, 42), *p(38, 54)), fill=INK)
+    elif mouth == "big-open":
+        d.ellipse((*p(20, 37), *p(44, 59)), fill=INK)
+    elif mouth == "wavy":
+        d.line([p(16, 48), p(22, 43), p(28, 51), p(34, 43), p(40, 51), p(47, 45)], fill=INK, width=4)
+    if held == "apple":
+        d.ellipse((42, 42, 63, 63), fill=(215, 30, 30), outline=INK, width=1)
+        d.line((52, 36, 53, 44), fill=(100, 60, 20), width=3)
+        d.ellipse((54, 35, 61, 41), fill=(40, 170, 40))
+    elif held == "ball":
+        d.ellipse((41, 41, 63, 63), fill=(250, 250, 250), outline=INK, width=2)
+        d.line((41, 52, 63, 52), fill=(30, 60, 230), width=5)
+    return im
+
+
+def draw_weather(kind: str, rng: np.random.Generator) -> Image.Image:
+    """Sky over ground: a sun and blue sky, a dark cloud with rain, or a grey cloud with snow."""
+    sky = {"sunny": (110, 180, 250), "rainy": (90, 95, 110), "snowy": (175, 180, 195)}[kind]
+    ground = {"sunny": (90, 180, 70), "rainy": (70, 110, 60), "snowy": (250, 250, 250)}[kind]
+    im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), sky)
+    d = ImageDraw.Draw(im)
+    d.rectangle((0, 46, 63, 63), fill=ground)
+    dx = _jit(rng, 4)
+    if kind == "sunny":
+        d.ellipse((20 + dx, 6, 44 + dx, 30), fill=(255, 220, 0))
+    else:
+        cloud = (50, 50, 60) if kind == "rainy" else (225, 225, 235)
+        for box in ((6, 8, 30, 26), (20, 3, 46, 25), (36, 9, 60, 27)):
+            d.ellipse((box[0] + dx, box[1], box[2] + dx, box[3]), fill=cloud)
+        for i in range(7):
+            x, y = 6 + 8 * i + int(rng.integers(0, 4)), 30 + int(rng.integers(0, 8))
+            if kind == "rainy":
+                d.line((x, y, x - 3, y + 10), fill=(30, 70, 255), width=2)
+            else:
+                d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(255, 255, 255))
+    return im
+
+
+def draw_shapes(items: list[tuple[str, str]], rng: np.random.Generator) -> Image.Image:
+    """One big shape in the centre or two side by side (left to right = the order of `items`)."""
+    bg = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(im)
+    half = 18 if len(items) == 1 else 13
+    centres = [(32, 32)] if len(items) == 1 else [(16, 32), (48, 32)]
+    for (colour, shape), (cx, cy) in zip(items, centres, strict=True):
+        cx, cy, r = cx + _jit(rng), cy + _jit(rng, 6), half + _jit(rng, 1)
+        fill = SHAPE_COLOURS[colour]
+        if shape == "circle":
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":
+            d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return im
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _balanced(rng: np.random.Generator, values: tuple, n: int) -> list:
+    """n values cycling through `values` (so counts differ by at most one), in random order."""
+    out = [values[i % len(values)] for i in range(n)]
+    return [out[i] for i in rng.permutation(n)]
+
+
+def _describe(cues) -> str:
+    brows, eyes, mouth, tears = cues
+    text = f"{CUE_WORDS[brows]}, {CUE_WORDS[eyes]} and {CUE_WORDS[mouth]}"
+    return text + (" with tears" if tears else "")
+
+
+def _question(task: str, rng: np.random.Generator, media: str, **kw) -> str:
+    marker = "<video>" if media == "video" else "<image>"
+    return f"{marker}\n" + _pick(rng, INSTRUCTIONS[task]).format(media=media, **kw)
+
+
+def _record(rid: str, task: str, question: str, answer: str, *, media: str = "image", label=None,
+            options=None, rationale: str, meta: dict) -> dict[str, Any]:
+    """A record in contract key order; the media path (`media` key) is filled in when the frames are saved."""
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    rec: dict[str, Any] = {"id": rid, "task": task, media: None, "conversations": turns}
+    if label is not None:
+        rec["label"] = label
+    if options is not None:
+        rec["options"] = list(options)
+    rec["rationale"], rec["meta"] = rationale, meta
+    return rec
+
+
+def _face_kwargs(rng: np.random.Generator) -> dict:
+    return {"skin": _pick(rng, SKIN), "background": _pick(rng, BACKGROUNDS), "rng": rng}
+
+
+def _cue_meta(cues) -> dict:
+    return {"cues": [*cues[:3], *(["tears"] if cues[3] else [])]}
+
+
+def _emotion_item(task: str, rid: str, label: str, rng, as_video: bool):
+    cues, kw = CUES[label], _face_kwargs(rng)
+    if as_video:  # a neutral first frame, then the expression while the head drifts
+        sx, sy = int(rng.choice([-1, 1])), int(rng.choice([-1, 1]))
+        frames = [draw_face(NEUTRAL if t == 0 else cues, shift=(sx * t, sy * t), **kw)
+                  for t in range(NUM_FRAMES)]
+        why = f"The face starts neutral, then shows {_describe(cues)}, which signals {label}."
+    else:
+        frames = [draw_face(cues, **kw)]
+        why = f"The face shows {_describe(cues)}, which signals {label}."
+    media = "video" if as_video else "image"
+    options = EMOTIONS if task == "emo_c" else None
+    q = _question(task, rng, media, options=", ".join(EMOTIONS))
+    return _record(rid, task, q, label, media=media, label=label, options=options, rationale=why,
+                   meta=_cue_meta(cues)), frames
+
+
+INTENT_SCENES = {  # intent -> (face cues, held object, night)
+    "to eat": (CUES["joy"], "apple", False), "to play": (CUES["joy"], "ball", False),
+    "to sleep": (SLEEPY, None, True), "to get help": (CUES["fear"], None, False),
+    "to be left alone": (CUES["anger"], None, False),
+}
+INTENT_WHY = {
+    "to eat": "The person smiles while holding an apple, so they want to eat.",
+    "to play": "The person smiles while holding a ball, so they want to play.",
+    "to sleep": "The eyes are closed and it is night with a moon, so the person wants to sleep.",
+    "to get help": "The wide eyes, raised inner brows and open mouth show fear, so the person wants help.",
+    "to be left alone": "Lowered brows and a tight mouth show anger and nothing is held, so the person "
+                        "wants to be left alone.",
+}
+
+
+def _intent_item(rid: str, label: str, rng):
+    cues, held, night = INTENT_SCENES[label]
+    im = draw_face(cues, held=held, night=night, **_face_kwargs(rng))
+    q = _question("intent", rng, "image", options=", ".join(INTENTS))
+    return _record(rid, "intent", q, label, label=label, options=INTENTS, rationale=INTENT_WHY[label],
+                   meta={"held": held, "night": night}), [im]
+
+
+def _hate_item(rid: str, caption: str, colour: str, yes: bool, rng):
+    """Hateful iff the caption's insulted colour group is the colour of the depicted face."""
+    face = colour if yes else _pick(rng, tuple(c for c in GROUP_COLOURS if c != colour))
+    im = draw_face(CUES[_pick(rng, EMOTIONS)], skin=GROUP_COLOURS[face], background=_pick(rng, BACKGROUNDS),
+                   rng=rng)
+    how = "so it attacks the person depicted" if yes else "so it does not target the person depicted"
+    why = f"The caption insults {colour} people and the person shown is {face}, {how}."
+    q = _question("hate", rng, "image", caption=caption)
+    return _record(rid, "hate", q, YES_NO[yes], label=YES_NO[yes], options=YES_NO, rationale=why,
+                   meta={"caption": caption, "caption_colour": colour, "face_colour": face}), [im]
+
+
+def _humor_item(rid: str, caption: str, said: str, yes: bool, rng):
+    """Humorous iff the caption describes weather other than the pictured one (a playful mismatch)."""
+    shown = _pick(rng, tuple(w for w in WEATHER if w != said)) if yes else said
+    how = "a playful mismatch" if yes else "a plain description"
+    why = f"The caption talks about {said} weather and the picture is {shown}: {how}."
+    q = _question("humor", rng, "image", caption=caption)
+    rec = _record(rid, "humor", q, YES_NO[yes], label=YES_NO[yes], options=YES_NO, rationale=why,
+                  meta={"caption": caption, "caption_scene": said, "image_scene": shown})
+    return rec, [draw_weather(shown, rng)]
+
+
+def _sarcasm_item(rid: str, caption: str, tone: str, yes: bool, rng):
+    """Sarcastic iff the caption's tone and the face's valence disagree."""
+    face_positive = (tone == "positive") != yes
+    emotion = "joy" if face_positive else _pick(rng, ("anger", "sadness", "disgust"))
+    im = draw_face(CUES[emotion], **_face_kwargs(rng))
+    how = "they clash" if yes else "they agree"
+    why = f"The words sound {tone} and the face shows {emotion} ({_describe(CUES[emotion])}): {how}."
+    q = _question("sarcasm", rng, "image", caption=caption)
+    return _record(rid, "sarcasm", q, YES_NO[yes], label=YES_NO[yes], options=YES_NO, rationale=why,
+                   meta={"caption": caption, "caption_tone": tone, "face_emotion": emotion}), [im]
+
+
+def _shape_items(rng) -> list[tuple[str, str]]:
+    return [(_pick(rng, tuple(SHAPE_COLOURS)), _pick(rng, SHAPES)) for _ in range(1 + int(rng.integers(2)))]
+
+
+def _shape_caption(items) -> str:
+    if len(items) == 2 and items[0] == items[1]:
+        return f"two {items[0][0]} {items[0][1]}s"
+    return " and ".join(f"a {c} {s}" for c, s in items)
+
+
+def _caption_item(rid: str, kind: str, rng):
+    if kind == "face":
+        cues = _pick(rng, (*CUES.values(), NEUTRAL, SLEEPY))
+        im, answer = draw_face(cues, **_face_kwargs(rng)), f"a face with {_describe(cues)}"
+        why = "The picture shows one face; its brows, eyes and mouth are described."
+    else:
+        items = _shape_items(rng)
+        im, answer = draw_shapes(items, rng), _shape_caption(items)
+        why = "The shapes are listed from left to right with their colours."
+    q = _question("caption", rng, "image")
+    return _record(rid, "caption", q, answer, rationale=why, meta={"kind": kind}), [im]
+
+
+def _vqa_item(rid: str, rng):
+    items = _shape_items(rng)
+    colours, shapes = [c for c, _ in items], [s for _, s in items]
+    kinds = ("count", "present") + (("colour",) if len(set(shapes)) == len(shapes) else ()) + (
+        ("shape",) if len(set(colours)) == len(colours) else ())
+    kind = _pick(rng, kinds)
+    why = f"The image shows {_shape_caption(items)}."
+    if kind == "count":
+        q, a = "How many shapes are there?", NUMBER_WORDS[len(items)]
+    elif kind == "present":
+        shape = _pick(rng, SHAPES)
+        q, a = f"Is there a {shape} in the image?", YES_NO[shape in shapes]
+    elif kind == "colour":
+        c, s = _pick(rng, items)
+        q, a, why = f"What color is the {s}?", c, f"The {s} is filled with {c}."
+    else:
+        c, s = _pick(rng, items)
+        q, a, why = f"What shape is the {c} object?", s, f"The {c} object is a {s}."
+    rec = _record(rid, "vqa", f"<image>\n{q} Answer with one word.", a, rationale=why, meta={"kind": kind})
+    return rec, [draw_shapes(items, rng)]
+
+
+def _task_values(task: str) -> tuple:
+    """What `_balanced` cycles through per task: labels, or (caption, cue, label) triples so that every
+    caption occurs equally often with both labels."""
+    if task in ("emo_c", "emo_o"):
+        return EMOTIONS
+    if task == "intent":
+        return INTENTS
+    if task == "hate":
+        return tuple((t.format(c=c), c, y) for t in HATE_CAPTIONS for c in GROUP_COLOURS for y in BOTH)
+    if task == "humor":
+        return tuple((t, w, y) for w in WEATHER for t in HUMOR_CAPTIONS[w] for y in BOTH)
+    if task == "sarcasm":
+        return tuple((t, tone, y) for tone, ts in SARCASM_CAPTIONS.items() for t in ts for y in BOTH)
+    if task == "caption":
+        return ("shapes", "shapes", "face")
+    return ("any",)
+
+
+def _items(task: str, split: str, n: int, rng: np.random.Generator, video_fraction: float):
+    """Yields (record, frames) for one task and split, labels (and captions x labels) balanced."""
+    make = {"hate": _hate_item, "humor": _humor_item, "sarcasm": _sarcasm_item}
+    for i, value in enumerate(_balanced(rng, _task_values(task), n)):
+        rid = f"{task}-{split}-{i:05d}"
+        if task in ("emo_c", "emo_o"):
+            as_video = task == "emo_o" and rng.random() < video_fraction
+            yield _emotion_item(task, rid, value, rng, as_video)
+        elif task == "intent":
+            yield _intent_item(rid, value, rng)
+        elif task in make:
+            yield make[task](rid, *value, rng)
+        elif task == "caption":
+            yield _caption_item(rid, value, rng)
+        else:
+            yield _vqa_item(rid, rng)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _save_png(im: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format="PNG")
+
+
+def save_mp4(frames: list[Image.Image], path: str | os.PathLike, fps: int = 4) -> None:
+    """Writes frames as an intra-only, high-quality MPEG-4 Part 2 video (deterministic, single-threaded)."""
+    import av
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps, options={"qscale": "2", "g": "1"})
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.thread_count = 1
+        for im in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(im)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    os.replace(tmp, path)
+
+
+def _blank(records: list[dict], out: Path) -> list[dict]:
+    """The same records with every image replaced by one grey image and every video by grey frames."""
+    grey = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BLANK_GREY)
+    _save_png(grey, out / "images" / "blank.png")
+    for t in range(NUM_FRAMES):
+        _save_png(grey, out / "videos" / "blank" / f"{t:03d}.png")
+    blank_path = {"image": "images/blank.png", "video": "videos/blank"}
+    return [{k: blank_path.get(k, v) for k, v in rec.items()} for rec in records]
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
+    *,
+    blank_control: bool = True,
+    video_files: bool = False,
+    video_fraction: float = 0.3,
+) -> dict[str, Any]:
+    """Writes mini-EmoBench into `out_dir`; returns the card (also `card.json`) plus `out_dir` and `seconds`.
+
+    Files: `train.jsonl`, `test.jsonl`, `test_blank.jsonl` (if `blank_control`), `images/<id>.png`, videos as
+    frame directories `videos/<id>/<t>.png` (with `video_files`, every other video instead points to
+    `videos/<id>.mp4`), `card.json`. `sizes`: task -> (train, test) record counts (missing tasks: none).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    if set(sizes) - set(DEFAULT_SIZES):
+        raise ValueError(f"sizes: unknown tasks {sorted(set(sizes) - set(DEFAULT_SIZES))}; "
+                         f"expected among {list(DEFAULT_SIZES)}")
+    for sub in ("images", "videos"):  # stale media from an earlier run must not survive
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    n_video = 0
+    for t_idx, task in enumerate(DEFAULT_SIZES):
+        for s_idx, split in enumerate(splits):
+            n = sizes.get(task, (0, 0))[s_idx]
+            rng = np.random.default_rng([seed, t_idx, s_idx])  # a stream per (task, split): sizes independent
+            for rec, frames in _items(task, split, n, rng, video_fraction):
+                if "video" in rec:
+                    rec["video"] = f"videos/{rec['id']}"
+                    for t, im in enumerate(frames):
+                        _save_png(im, out / rec["video"] / f"{t:03d}.png")
+                    if video_files and n_video % 2 == 0:
+                        rec["video"] = f"videos/{rec['id']}.mp4"
+                        save_mp4(frames, out / rec["video"])
+                    n_video += 1
+                else:
+                    rec["image"] = f"images/{rec['id']}.png"
+                    _save_png(frames[0], out / rec["image"])
+                splits[split].append(rec)
+    for split, recs in splits.items():
+        _write_jsonl(recs, out / f"{split}.jsonl")
+    if blank_control:
+        _write_jsonl(_blank(splits["test"], out), out / "test_blank.jsonl")
+    card = _card(seed, sizes, splits, blank_control, video_files)
+    tmp = out / "card.json.tmp"
+    tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "card.json")
+    return {**card, "out_dir": str(out), "seconds": round(time.perf_counter() - start, 3)}
+
+
+RULES = {
+    "emo_c": "The face's brows, eyes and mouth (and tears) encode the emotion: "
+             + "; ".join(f"{e}: {_describe(c)}" for e, c in CUES.items()) + ". The options are listed.",
+    "emo_o": "Same cues, no options. About 30% are 4-frame videos: a neutral first frame, then the "
+             "expression while the head drifts.",
+    "intent": " ".join(INTENT_WHY.values()),
+    "hate": "The caption insults a colour group (green/purple/orange); hateful iff the depicted face has "
+            "that colour. Every caption occurs equally often with both labels; the expression is random.",
+    "humor": "The caption describes sunny/rainy/snowy weather; humorous iff the picture shows different "
+             "weather (a playful mismatch). Every caption occurs equally often with both labels.",
+    "sarcasm": "The caption sounds positive or negative; sarcastic iff the face's emotion has the opposite "
+               "valence (joy vs anger/sadness/disgust). Every caption occurs equally often with both labels.",
+    "caption": "Objective: shapes named left to right with their colours ('a red circle and a blue square', "
+               "'two green triangles'), or a face's brows, eyes and mouth described.",
+    "vqa": "Objective: colour / shape / count / presence questions about one or two shapes.",
+    "blank_control": "test_blank.jsonl holds the test records with every image replaced by images/blank.png "
+                     "and every video by videos/blank/ (grey): the emotional tasks should drop to chance.",
+}
+
+
+def _card(seed: int, sizes: dict, splits: dict[str, list[dict]], blank_control: bool,
+          video_files: bool) -> dict:
+    counts: dict[str, dict[str, dict[str, int]]] = {s: {t: {} for t in sizes} for s in splits}
+    for split, recs in splits.items():
+        for rec in recs:
+            c = counts[split][rec["task"]]
+            key = rec.get("label", "(free text)")
+            c[key] = c.get(key, 0) + 1
+    return {
+        "name": "mini-EmoBench", "version": VERSION, "seed": seed, "image_size": IMAGE_SIZE,
+        "num_frames": NUM_FRAMES, "sizes": {t: {"train": a, "test": b} for t, (a, b) in sizes.items()},
+        "label_counts": counts, "blank_control": blank_control, "video_files": video_files,
+        "label_sets": {"emo_c": list(EMOTIONS), "emo_o": list(EMOTIONS), "intent": list(INTENTS),
+                       "hate": list(YES_NO), "humor": list(YES_NO), "sarcasm": list(YES_NO)},
+        "rules": RULES,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.mini_emobench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blank-control", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write the blank-media control test_blank.jsonl (default: on)")
+    parser.add_argument("--video-files", action="store_true", help="store every other video as an .mp4 file")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every default split size")
+    args = parser.parse_args(argv)
+    sizes = {t: (round(a * args.scale), round(b * args.scale)) for t, (a, b) in DEFAULT_SIZES.items()}
+    card = generate(args.out, args.seed, sizes, blank_control=args.blank_control,
+                    video_files=args.video_files)
+    n = {s: sum(v[s] for v in card["sizes"].values()) for s in ("train", "test")}
+    print(f"mini-EmoBench: {n['train']} train and {n['test']} test records in {card['out_dir']} "
+          f"({card['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
