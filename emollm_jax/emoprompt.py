@@ -226,7 +226,7 @@ def teacher_rationale_fn(teacher: str | os.PathLike, *, max_new_tokens: int = 64
         input_ids = np.asarray([ids], np.int32)
         out = generate(model, input_ids, np.ones_like(input_ids), max_new_tokens=max_new_tokens,
                        eos_id=tok.eos_id, pad_id=tok.pad_id)
-        new = [int(t) for t in np.asarray(getattr(out, "tokens", out))[0]]
+        new = [int(t) for t in np.asarray(out)[0]]
         if tok.eos_id in new:
             new = new[: new.index(tok.eos_id)]
         text = tok.decode(new, skip_special_tokens=True).strip()

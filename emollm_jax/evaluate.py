@@ -221,7 +221,8 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
     for batch, rows in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
         out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
-                          max_new_tokens=max_new_tokens, eos_id=int(stop_ids[0]), pad_id=tokenizer.pad_id)
+                          max_new_tokens=max_new_tokens, eos_id=tuple(int(t) for t in stop_ids),
+                          pad_id=tokenizer.pad_id)
         tokens = np.asarray(out)
         for row, meta in zip(tokens, rows, strict=False):
             metas.append(meta)

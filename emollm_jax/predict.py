@@ -1,0 +1,139 @@
+"""Answers for one image/video + question, or for every line of a JSONL file (`main.py --mode=predict`).
+
+The prompt is built exactly as in evaluation (configured chat template, EmoPrompt exemplars when
+`config.emoprompt.num_exemplars` > 0), so a prediction here equals the evaluated one for the same record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from emollm_jax.answers import parse_answer
+
+IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
+
+
+def make_record(question: str, *, image: str | None = None, video: str | None = None, task: str | None = None,
+                options: Sequence[str] | None = None, rid: str = "predict-0") -> dict[str, Any]:
+    """An EmoBench-style record for a free question; prepends the media marker when the question lacks it."""
+    if image and video:
+        raise ValueError("give an image or a video, not both")
+    marker = IMAGE_MARKER if image else VIDEO_MARKER if video else None
+    if marker and marker not in question:
+        question = f"{marker}\n{question}"
+    record: dict[str, Any] = {"id": rid, "task": task or "free",
+                              "conversations": [{"from": "human", "value": question},
+                                                {"from": "gpt", "value": ""}]}
+    if image:
+        record["image"] = str(Path(image).resolve())
+    if video:
+        record["video"] = str(Path(video).resolve())
+    if options:
+        record["options"] = list(options)
+    return record
+
+
+def _from_jsonl_line(obj: Mapping[str, Any], line: int, path: Path) -> dict[str, Any]:
+    """A JSONL line is a full EmoBench record or `{"id"?, "question", "image"|"video"?, "task"?, "options"?}`.
+    Relative media paths are relative to the JSONL file's directory."""
+    def resolve(p: str | list | None):
+        if p is None:
+            return None
+        if isinstance(p, list):
+            return [str((path.parent / x).resolve()) for x in p]
+        return str((path.parent / p).resolve())
+
+    rid = str(obj.get("id", f"{path.stem}-{line}"))
+    if "conversations" in obj:
+        record = dict(obj, id=rid)
+        for kind in ("image", "video"):
+            if record.get(kind) is not None:
+                record[kind] = resolve(record[kind])
+        return record
+    if not isinstance(obj.get("question"), str):
+        raise ValueError(f"{path}:{line}: needs a 'question' string or a 'conversations' list")
+    record = make_record(obj["question"], task=obj.get("task"), options=obj.get("options"), rid=rid)
+    for kind in ("image", "video"):
+        if obj.get(kind) is not None:
+            record[kind] = resolve(obj[kind])
+            marker = IMAGE_MARKER if kind == "image" else VIDEO_MARKER
+            if marker not in record["conversations"][0]["value"]:
+                record["conversations"][0]["value"] = f"{marker}\n" + record["conversations"][0]["value"]
+    return record
+
+
+def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    records = []
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line}: malformed JSON at column {e.colno}: {e.msg}") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        records.append(_from_jsonl_line(obj, line, path))
+    return records
+
+
+def predict_records(config: Any, workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]], *,
+                    model: Any, tokenizer: Any, progress: bool = False) -> list[dict[str, Any]]:
+    """One output row per record: id, task, question, answer and, for EmoBench tasks, the parsed label."""
+    from emollm_jax import emoprompt, evaluate
+
+    prefix = emoprompt.from_config(config, config.data.root or Path(workdir) / "data", workdir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "requests.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        batches, total = evaluate.record_batches(config, path, "/", tokenizer, model, prompt_prefix=prefix)
+        metas, answers = evaluate.generate_answers(
+            model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens),
+            stop_ids=evaluate.stop_ids(config, tokenizer), total=total, desc="predict", progress=progress)
+    by_id = {str(r["id"]): r for r in records}
+    parser = evaluate.answer_parser(config)
+    rows = []
+    for meta, answer in zip(metas, answers, strict=True):
+        record = by_id[str(meta["id"])]
+        task = record.get("task", "free")
+        parsed = None
+        if task != "free":
+            parsed = parse_answer(answer, task, record.get("options"), parser=parser)
+        rows.append({"id": meta["id"], "task": task, "question": record["conversations"][0]["value"],
+                     "answer": answer, "parsed": parsed})
+    return rows
+
+
+def run_predict(config: Any, workdir: str | os.PathLike, *, image: str | None = None,
+                video: str | None = None, question: str | None = None, jsonl: str | None = None,
+                task: str | None = None,
+                init_from: str | None = None, out: str | None = None, model: Any = None,
+                tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Prints each answer (and parsed label when a task is known); JSONL mode also writes the rows to `out`
+    (default `<workdir>/predict/outputs.jsonl`). Weights: `init_from`, else the latest checkpoint."""
+    from emollm_jax import eval_report, evaluate, experiment
+
+    if (question is None) == (jsonl is None):
+        raise ValueError("predict: give either --question (with --image/--video) or --jsonl")
+    if jsonl is not None and (image or video):
+        raise ValueError("predict: --image/--video belong in the JSONL lines in --jsonl mode")
+    setup = experiment.prepare_data(config, workdir)
+    tokenizer = tokenizer or experiment.load_tokenizer(setup)
+    if model is None:
+        model, _ = evaluate.load_model(config, workdir, tokenizer, init_from)
+    records = read_requests(jsonl) if jsonl else [make_record(question, image=image, video=video, task=task)]
+    rows = predict_records(config, workdir, records, model=model, tokenizer=tokenizer, progress=bool(jsonl))
+    for row in rows:
+        label = f"  [{row['task']}: {row['parsed']}]" if row["task"] != "free" else ""
+        print(f"{row['id']}: {row['answer']}{label}")
+    if jsonl:
+        out_path = Path(out) if out else Path(workdir) / "predict" / "outputs.jsonl"
+        eval_report.write_jsonl(out_path, rows)
+        print(f"wrote {len(rows)} predictions to {out_path}")
+    return rows
