@@ -1,0 +1,51 @@
+"""`python -m emollm_jax.convert --hf_dir DIR --out DIR [--dtype bfloat16] [--to_hf]`
+
+Without --to_hf: HF directory -> params-only orbax checkpoint (layout in `orbax_params`).
+With --to_hf: HF directory -> HF directory in the transformers-5 layout (re-keys older layouts, casts dtype,
+re-shards files); with --ckpt DIR instead of --hf_dir, a checkpoint written by this tool -> HF directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emollm_jax.convert import load_hf, save_hf
+from emollm_jax.convert.core import detect_family, read_hf_config
+from emollm_jax.convert.export import family_of
+from emollm_jax.convert.orbax_params import load_params, save_params
+from emollm_jax.convert.safetensors_io import open_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emollm_jax.convert", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf_dir", help="HF model directory (config.json + safetensors)")
+    src.add_argument("--ckpt", help="params checkpoint written by this tool (only with --to_hf)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32)")
+    p.add_argument("--to_hf", action="store_true", help="write an HF directory, not orbax")
+    p.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size for --to_hf")
+    p.add_argument("--allow_pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")
+    args = p.parse_args(argv)
+
+    if args.ckpt and not args.to_hf:
+        p.error("--ckpt needs --to_hf")
+    if args.ckpt:
+        model = load_params(args.ckpt)
+    else:
+        model = load_hf(args.hf_dir, args.dtype, allow_pickle=args.allow_pickle)
+    if args.to_hf:
+        save_hf(model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    else:
+        hf_config = read_hf_config(args.hf_dir)
+        keys = set(open_checkpoint(args.hf_dir, allow_pickle=args.allow_pickle).keys())
+        family = detect_family(hf_config, keys, args.hf_dir).name
+        assert family == family_of(model).name
+        save_params(model, args.out, family=family, hf_config=hf_config, dtype=args.dtype, source=args.hf_dir)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

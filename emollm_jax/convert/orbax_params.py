@@ -1,0 +1,58 @@
+"""Params-only orbax checkpoints of converted models, with the HF config beside them to rebuild the model.
+
+Layout of a directory written by `save_params` (what `python -m emollm_jax.convert` produces):
+    <dir>/params/          orbax StandardCheckpointer item: `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
+                           a nested dict keyed like the model's attributes (layer indices are ints)
+    <dir>/hf_config.json   the HF config.json it came from (our config = `Family.config_from_hf` of it)
+    <dir>/convert.json     {"family": name, "dtype": dtype or null, "source": HF dir}
+Restore onto any target sharding with an abstract pure dict of `jax.ShapeDtypeStruct(..., sharding=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from emollm_jax.convert.core import abstract_model, families
+from emollm_jax.convert.safetensors_io import AtomicDir, CheckpointError
+
+
+def save_params(model: nnx.Module, out: str | Path, *, family: str, hf_config: dict[str, Any],
+                dtype: str | None = None, source: str = "") -> Path:
+    """Writes the layout above atomically (temp dir renamed into place)."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with AtomicDir(out) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", pure)
+        ckptr.wait_until_finished()
+        (tmp / "hf_config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        meta = {"family": family, "dtype": dtype, "source": source}
+        (tmp / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def load_params(path: str | Path, *, shardings: Any = None) -> nnx.Module:
+    """Rebuilds the model saved by `save_params`. shardings: optional pure-dict pytree of Shardings."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "convert.json").read_text())
+        hf_config = json.loads((path / "hf_config.json").read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: not a converted params checkpoint ({e.filename} missing)") from e
+    fam = next((f for f in families() if f.name == meta["family"]), None)
+    if fam is None:
+        raise CheckpointError(f"{path}/convert.json: unknown family {meta['family']!r}")
+    overrides = {"dtype": meta["dtype"], "param_dtype": meta["dtype"]} if meta.get("dtype") else {}
+    graphdef, state = nnx.split(abstract_model(fam, fam.config_from_hf(hf_config, **overrides)))
+    target = nnx.to_pure_dict(state)
+    if shardings is not None:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              target, shardings)
+    restored = ocp.StandardCheckpointer().restore(path / "params", target)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
