@@ -55,7 +55,6 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def run(config: Any, apply_overrides, workdir: str | Path, only: Sequence[str] | None = None) -> list[dict]:
     """Trains and evaluates each variant; returns one row per variant (name, projector, M, results)."""
     from data_pipeline import mini_emobench
-
     from emollm_jax import emoprompt, eval_report, evaluate, experiment, train
 
     workdir = Path(workdir)
