@@ -157,20 +157,31 @@ def render(exemplars: Iterable[Exemplar]) -> str:
     return "\n\n".join(blocks) + "\n\n" if blocks else ""
 
 
-def prefix_fn(bank: Mapping[str, Sequence[Exemplar]], m: int,
-              strategy: str = "fixed") -> Callable[[Mapping[str, Any]], str]:
-    """record -> EmoPrompt prefix, for `data_pipeline`'s `prompt_prefix` hook. Excludes the record itself."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"EmoPrompt strategy must be one of {STRATEGIES}, got {strategy!r}")
+class PromptPrefix:
+    """record -> EmoPrompt prefix, for `data_pipeline`'s `prompt_prefix` hook; excludes the record itself.
 
-    def fn(record: Mapping[str, Any]) -> str:
-        if m == 0:
+    A class (not a closure) so Grain worker processes can unpickle it.
+    """
+
+    def __init__(self, bank: Mapping[str, Sequence[Exemplar]], m: int, strategy: str = "fixed"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"EmoPrompt strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.bank = {task: list(items) for task, items in bank.items()}
+        self.m = m
+        self.strategy = strategy
+
+    def __call__(self, record: Mapping[str, Any]) -> str:
+        if self.m == 0:
             return ""
-        chosen = select(bank, record.get("task", ""), m, strategy=strategy, query_text=question_text(record),
-                        exclude_id=record.get("id"))
+        chosen = select(self.bank, record.get("task", ""), self.m, strategy=self.strategy,
+                        query_text=question_text(record), exclude_id=record.get("id"))
         return render(chosen)
 
-    return fn
+
+def prefix_fn(bank: Mapping[str, Sequence[Exemplar]], m: int,
+              strategy: str = "fixed") -> Callable[[Mapping[str, Any]], str]:
+    """record -> EmoPrompt prefix (a picklable `PromptPrefix`)."""
+    return PromptPrefix(bank, m, strategy)
 
 
 # ----------------------------------------------------------------------------------------------- building

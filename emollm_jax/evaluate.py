@@ -11,7 +11,9 @@ Outputs under `<workdir>/eval/`: results.json, report.md, predictions.jsonl, con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -247,41 +249,92 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     if init_from:
         experiment.load_initial_weights(config, model, init_from)
         return model, str(init_from)
-    from emollm_jax.checkpoint import Checkpointer
+    from emollm_jax.checkpoint import Checkpointer, restore_params
 
     ckpt_dir = Path(workdir) / "checkpoints"
-    ckpt = Checkpointer(ckpt_dir) if ckpt_dir.exists() else None
-    step = ckpt.latest_step() if ckpt is not None else None
+    step = None
+    if ckpt_dir.exists():
+        with Checkpointer(ckpt_dir) as ckpt:
+            step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate; train first (--mode=train) or pass "
                                 "--init_from=<HF dir or params checkpoint>")
-    params = Checkpointer.restore_params(ckpt_dir, nnx.state(model, nnx.Param), None)
-    nnx.update(model, params)
-    ckpt.close()
+    nnx.update(model, restore_params(ckpt_dir / str(step), nnx.state(model, nnx.Param), None))
     return model, f"{ckpt_dir} step {step}"
+
+
+def _subset_per_task(records_path: Path, max_examples: int, out_path: Path) -> Path:
+    """Writes the first ceil(max_examples / tasks) records of every task to `out_path` (a quick eval that
+    still covers every task), keeping file order."""
+    from data_pipeline.records import iter_records
+
+    records = [r for _, r in iter_records(records_path)]
+    tasks = {r.get("task") for r in records}
+    per_task = -(-max_examples // max(1, len(tasks)))
+    seen: dict[Any, int] = {}
+    kept = []
+    for r in records:
+        seen[r.get("task")] = seen.get(r.get("task"), 0) + 1
+        if seen[r.get("task")] <= per_task:
+            kept.append(r)
+    eval_report.write_jsonl(out_path, kept)
+    return out_path
 
 
 def record_batches(config: Any, records_path: str | os.PathLike, data_root: str | os.PathLike, tokenizer: Any,
                    model: Any, *, prompt_prefix: Callable[[Mapping], str] | None = None,
-                   max_examples: int = 0) -> tuple[Iterable, int]:
-    """(batches, number of batches) of left-padded prompts for every record of a file, via C2's pipeline."""
+                   max_examples: int = 0, tmp_dir: str | os.PathLike | None = None,
+                   validate: str = "lazy") -> tuple[Iterable, int]:
+    """(batches, number of batches) of left-padded prompts for the records of a file, via C2's pipeline.
+
+    `max_examples` > 0 evaluates a per-task subset (written under `tmp_dir`). Sequence buckets are powers of
+    two up to the decoder's context minus the answer budget; a longer prompt is an error naming the record.
+    """
+    import math
+
     from data_pipeline import pipeline
+    from data_pipeline.records import iter_records
     from emollm_jax.models.emollm import visual_tokens_per_media
 
+    records_path = Path(records_path)
+    if max_examples > 0:
+        if tmp_dir is None:
+            raise ValueError("record_batches: max_examples > 0 needs a tmp_dir for the subset file")
+        records_path = _subset_per_task(records_path, max_examples, Path(tmp_dir) / records_path.name)
     model_cfg = model.config
-    it = pipeline.make_eval_batches(
-        records_path,
-        root=data_root,
-        tokenizer=tokenizer,
+    context = int(model_cfg.text.max_position_embeddings) - int(config.eval.max_new_tokens)
+    buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096, 8192) if b <= context) or (context,)
+    frames = int(config.data.num_frames)
+    spec = pipeline.PipelineSpec(
+        sources=(str(records_path),),
+        tokenizer=str(getattr(tokenizer, "name", "")),
+        data_root=str(data_root),
         template=config.data.template,
-        batch_size=int(config.eval.batch_size),
         image_size=int(config.model.vision.image_size),
-        num_frames=int(config.data.num_frames),
-        tokens_per_media=lambda frames: visual_tokens_per_media(model_cfg, frames),
+        num_frames=frames,
+        max_media_frames=max(frames, 1),
+        visual_tokens_fn=functools.partial(visual_tokens_per_media, model_cfg),
+        batch_size=int(config.eval.batch_size),
+        seq_buckets=buckets,
+        shuffle=False,
+        num_epochs=1,
         prompt_prefix=prompt_prefix,
-        max_examples=max_examples,
+        validate=validate,
     )
-    return it, getattr(it, "num_batches", None)
+    n = sum(1 for _ in iter_records(records_path))
+    return pipeline.make_eval_batches(spec, tokenizer=tokenizer), math.ceil(n / spec.batch_size)
+
+
+def gold_answers(records_path: str | os.PathLike) -> dict[str, str]:
+    """id -> the last assistant turn of each record: the gold answer of tasks without a `label` (caption,
+    vqa)."""
+    from data_pipeline.records import iter_records
+
+    out = {}
+    for _, r in iter_records(records_path):
+        gpt = [t.get("value", "") for t in r.get("conversations", []) if t.get("from") == "gpt"]
+        out[str(r.get("id"))] = gpt[-1] if gpt else ""
+    return out
 
 
 def stop_ids(config: Any, tokenizer: Any) -> list[int]:
@@ -328,11 +381,15 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
         path = Path(setup.root) / f"{split}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no record file for eval split {split!r}")
-        batches, total = record_batches(config, path, setup.root, tokenizer, model, prompt_prefix=prefix,
-                                        max_examples=int(config.eval.max_examples))
-        metas, answers = generate_answers(
-            model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens), stop_ids=stops,
-            total=total, desc=f"eval {split}", progress=progress and jax.process_index() == 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            batches, total = record_batches(config, path, setup.root, tokenizer, model, prompt_prefix=prefix,
+                                            max_examples=int(config.eval.max_examples), tmp_dir=tmp)
+            metas, answers = generate_answers(
+                model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens), stop_ids=stops,
+                total=total, desc=f"eval {split}", progress=progress and jax.process_index() == 0)
+        golds = gold_answers(path)
+        metas = [m if m.get("label") is not None else {**m, "label": golds.get(str(m["id"]), "")}
+                 for m in metas]
         preds = parse_predictions(metas, answers, split=split, parser=parser)
         per_split[split] = score(preds)
         predictions += preds

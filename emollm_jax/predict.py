@@ -20,51 +20,34 @@ IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 
 def make_record(question: str, *, image: str | None = None, video: str | None = None, task: str | None = None,
                 options: Sequence[str] | None = None, rid: str = "predict-0") -> dict[str, Any]:
-    """An EmoBench-style record for a free question; prepends the media marker when the question lacks it."""
+    """An EmoBench-style record for a free question; prepends the media marker when the question lacks it.
+    Media paths are kept as given (relative to the data root `predict_records` is called with)."""
     if image and video:
         raise ValueError("give an image or a video, not both")
     marker = IMAGE_MARKER if image else VIDEO_MARKER if video else None
     if marker and marker not in question:
         question = f"{marker}\n{question}"
     record: dict[str, Any] = {"id": rid, "task": task or "free",
-                              "conversations": [{"from": "human", "value": question},
-                                                {"from": "gpt", "value": ""}]}
+                              "conversations": [{"from": "human", "value": question}]}
     if image:
-        record["image"] = str(Path(image).resolve())
+        record["image"] = image
     if video:
-        record["video"] = str(Path(video).resolve())
+        record["video"] = video
     if options:
         record["options"] = list(options)
     return record
 
 
 def _from_jsonl_line(obj: Mapping[str, Any], line: int, path: Path) -> dict[str, Any]:
-    """A JSONL line is a full EmoBench record or `{"id"?, "question", "image"|"video"?, "task"?, "options"?}`.
-    Relative media paths are relative to the JSONL file's directory."""
-    def resolve(p: str | list | None):
-        if p is None:
-            return None
-        if isinstance(p, list):
-            return [str((path.parent / x).resolve()) for x in p]
-        return str((path.parent / p).resolve())
-
+    """A JSONL line is a full EmoBench record or `{"id"?, "question", "image"|"video"?, "task"?, "options"?}`;
+    media paths are relative to the JSONL file's directory."""
     rid = str(obj.get("id", f"{path.stem}-{line}"))
     if "conversations" in obj:
-        record = dict(obj, id=rid)
-        for kind in ("image", "video"):
-            if record.get(kind) is not None:
-                record[kind] = resolve(record[kind])
-        return record
+        return dict(obj, id=rid)
     if not isinstance(obj.get("question"), str):
         raise ValueError(f"{path}:{line}: needs a 'question' string or a 'conversations' list")
-    record = make_record(obj["question"], task=obj.get("task"), options=obj.get("options"), rid=rid)
-    for kind in ("image", "video"):
-        if obj.get(kind) is not None:
-            record[kind] = resolve(obj[kind])
-            marker = IMAGE_MARKER if kind == "image" else VIDEO_MARKER
-            if marker not in record["conversations"][0]["value"]:
-                record["conversations"][0]["value"] = f"{marker}\n" + record["conversations"][0]["value"]
-    return record
+    return make_record(obj["question"], image=obj.get("image"), video=obj.get("video"), task=obj.get("task"),
+                       options=obj.get("options"), rid=rid)
 
 
 def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -83,8 +66,9 @@ def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def predict_records(config: Any, workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]], *,
-                    model: Any, tokenizer: Any, progress: bool = False) -> list[dict[str, Any]]:
+def predict_records(config: Any, workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]],
+                    data_root: str | os.PathLike, *, model: Any, tokenizer: Any,
+                    progress: bool = False) -> list[dict[str, Any]]:
     """One output row per record: id, task, question, answer and, for EmoBench tasks, the parsed label."""
     from emollm_jax import emoprompt, evaluate
 
@@ -92,7 +76,8 @@ def predict_records(config: Any, workdir: str | os.PathLike, records: Sequence[M
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "requests.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        batches, total = evaluate.record_batches(config, path, "/", tokenizer, model, prompt_prefix=prefix)
+        batches, total = evaluate.record_batches(config, path, data_root, tokenizer, model,
+                                                 prompt_prefix=prefix, validate="none")
         metas, answers = evaluate.generate_answers(
             model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens),
             stop_ids=evaluate.stop_ids(config, tokenizer), total=total, desc="predict", progress=progress)
@@ -127,8 +112,16 @@ def run_predict(config: Any, workdir: str | os.PathLike, *, image: str | None = 
     tokenizer = tokenizer or experiment.load_tokenizer(setup)
     if model is None:
         model, _ = evaluate.load_model(config, workdir, tokenizer, init_from)
-    records = read_requests(jsonl) if jsonl else [make_record(question, image=image, video=video, task=task)]
-    rows = predict_records(config, workdir, records, model=model, tokenizer=tokenizer, progress=bool(jsonl))
+    if jsonl:
+        records, root = read_requests(jsonl), Path(jsonl).resolve().parent
+    else:
+        media = Path(image or video).resolve() if (image or video) else None
+        root = media.parent if media else Path.cwd()
+        name = media.name if media else None
+        records = [make_record(question, image=name if image else None, video=name if video else None,
+                               task=task)]
+    rows = predict_records(config, workdir, records, root, model=model, tokenizer=tokenizer,
+                           progress=bool(jsonl))
     for row in rows:
         label = f"  [{row['task']}: {row['parsed']}]" if row["task"] != "free" else ""
         print(f"{row['id']}: {row['answer']}{label}")

@@ -148,3 +148,12 @@ def test_from_config_builds_bank_once_and_respects_m(tmp_path):
     config.emoprompt.bank = str(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         emoprompt.from_config(config, data, tmp_path / "work")
+
+
+def test_prefix_fn_is_picklable_for_grain_workers():
+    import pickle
+
+    fn = pickle.loads(pickle.dumps(prefix_fn(_bank(), 2, "similar")))
+    record = {"id": "x", "task": "emo_c", "conversations": [{"from": "human", "value": "crying tears?"}]}
+    assert fn(record) == prefix_fn(_bank(), 2, "similar")(record)
+    assert fn(record).startswith("Example: What emotion is shown by the crying face")
