@@ -22,19 +22,26 @@ TEMPLATES = ("vicuna_v1", "llama2", "chatml")
 MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Logical parameter axis -> mesh axis (None = replicated). FSDP shards the model width; tensor parallelism
-# shards heads / MLP / vocab. Names not listed (norms, biases, projector internals) stay replicated.
+# Logical parameter axis -> mesh axis (None = replicated), as emollm_jax.sharding.DEFAULT_RULES: FSDP shards
+# the model width, tensor parallelism shards heads / MLP / vocab; `data` only replicates weights.
 SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
-    ("vit_embed", "fsdp"),
-    ("proj_embed", "fsdp"),
+    ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vit_heads", "tensor"),
-    ("vit_mlp", "tensor"),
+    ("head_dim", None),
     ("vocab", "tensor"),
     ("norm", None),
+    ("vit_embed", "fsdp"),
+    ("vit_mlp", "tensor"),
+    ("vit_heads", "tensor"),
+    ("vit_patch", None),
+    ("vit_pos", None),
+    ("proj_in", "fsdp"),
+    ("proj_hidden", "tensor"),
+    ("proj_out", "fsdp"),
+    ("lora_rank", None),
 )
 
 
@@ -72,7 +79,7 @@ def _base() -> ml_collections.ConfigDict:
         remat=False))
     c.model.projector = ml_collections.ConfigDict(dict(
         kind="mvp", perspectives=("token", "relation", "multilevel", "global"), tau=0.5, gcn_layers=1,
-        levels=(-1, -2, -3), fusion="gated_sum"))
+        levels=(-1, -2, -3), fusion="gated_sum", global_pool="cls"))
     c.model.text = ml_collections.ConfigDict(dict(
         vocab_size=0,  # 0: taken from the tokenizer
         hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6,
@@ -93,7 +100,8 @@ def _base() -> ml_collections.ConfigDict:
         eval_split="test",
         num_workers=0,       # grain worker processes (0: in-process)
         shuffle_buffer=0,
-        mini_per_task=0,     # mini-EmoBench records per task and split; 0 = the generator's default
+        mini_train_per_task=0,  # mini-EmoBench train records per task; 0 = the generator's default
+        mini_test_per_task=0,   # mini-EmoBench test records per task; 0 = the generator's default
         mini_video_files=False,
     ))
     c.emoprompt = ml_collections.ConfigDict(dict(bank="", num_exemplars=0))
@@ -146,6 +154,7 @@ def _vicuna7b() -> ml_collections.ConfigDict:
     c.model.text.update(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                         num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
                         dtype="bfloat16", remat=True)
+    c.model.video_pooling = "mean"  # 8 frames x 576 tokens would not fit 2048 tokens
     c.data.max_len = 2048
     c.data.num_frames = 8
     c.data.num_workers = 8

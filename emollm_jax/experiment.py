@@ -1,0 +1,191 @@
+"""Config -> the things every mode needs: data root, tokenizer, `EmoLLMConfig`, initial weights.
+
+Shared by train, eval, predict and plan so they agree on the model a workdir holds. The tiny variant's data
+(mini-EmoBench) and tokenizer are created here on first use, inside the workdir, and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+from emollm_jax.models.llama import LlamaConfig
+from emollm_jax.models.projectors import ProjectorConfig
+from emollm_jax.models.vit import VisionConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSetup:
+    """Where the records live and which tokenizer reads them."""
+
+    root: str
+    tokenizer_path: str
+
+
+def _to_dict(cd: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cd.to_dict().items()}
+
+
+def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
+                 image_token_id: int | None = None, freeze_vision: bool = True) -> EmoLLMConfig:
+    """`EmoLLMConfig` from `config.model`; `vocab_size` / `image_token_id` fill the "from tokenizer" values
+    (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would fall off it)."""
+    m = config.model
+    text = _to_dict(m.text)
+    if text["vocab_size"] <= 0:
+        if vocab_size is None:
+            raise ValueError("config.model.text.vocab_size is 0 (from tokenizer) but no tokenizer was given")
+        text["vocab_size"] = vocab_size
+    elif vocab_size is not None and vocab_size > text["vocab_size"]:
+        raise ValueError(f"config.model.text.vocab_size={text['vocab_size']} < tokenizer vocab {vocab_size}")
+    image_id = m.image_token_id if m.image_token_id >= 0 else image_token_id
+    if image_id is None:
+        raise ValueError("config.model.image_token_id is -1 (from tokenizer) but no tokenizer was given")
+    return EmoLLMConfig(
+        vision=VisionConfig(**_to_dict(m.vision)),
+        projector=ProjectorConfig(**_to_dict(m.projector)),
+        text=LlamaConfig(**text),
+        image_token_id=int(image_id),
+        vision_feature_layer=m.vision_feature_layer,
+        vision_feature_select=m.vision_feature_select,
+        video_pooling=m.video_pooling,
+        freeze_vision=freeze_vision,
+    )
+
+
+def _record_texts(root: str, split: str) -> list[str]:
+    """All conversation text of the `split` record files under `root`, for training the tiny tokenizer."""
+    from data_pipeline.records import iter_records
+
+    files = sorted(Path(root).glob(f"{split}*.json")) + sorted(Path(root).glob(f"{split}*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no {split}*.json / {split}*.jsonl records to train a tokenizer on")
+    texts = []
+    for file in files:
+        for _, rec in iter_records(file):
+            texts.extend(turn["value"] for turn in rec["conversations"])
+            texts.extend(rec.get("options") or [])
+            if rec.get("rationale"):
+                texts.append(rec["rationale"])
+    return texts
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataSetup:
+    """Data root and tokenizer path; generates mini-EmoBench and trains the tiny tokenizer when the config
+    leaves them empty. Only process 0 writes; the others wait at a barrier, then read the same files."""
+    workdir = Path(workdir)
+    root = config.data.root or str(workdir / "data")
+    tok_path = config.data.tokenizer or config.init.llm or config.init.hf or str(workdir / "tokenizer")
+    must_generate = not config.data.root and not (workdir / "data" / "card.json").exists()
+    must_tokenize = not (config.data.tokenizer or config.init.llm or config.init.hf) and not (
+        Path(tok_path) / "tokenizer.json").exists()
+    if jax.process_index() == 0:
+        if must_generate:
+            from data_pipeline import mini_emobench
+
+            log.info("generating mini-EmoBench into %s", root)
+            sizes = None
+            if config.data.mini_train_per_task or config.data.mini_test_per_task:
+                n_train, n_test = int(config.data.mini_train_per_task), int(config.data.mini_test_per_task)
+                sizes = {task: (n_train or train, n_test or test)
+                         for task, (train, test) in mini_emobench.DEFAULT_SIZES.items()}
+            mini_emobench.generate(root, seed=int(config.seed), sizes=sizes,
+                                   video_files=bool(config.data.mini_video_files))
+        if must_tokenize:
+            from data_pipeline.text import train_tiny_tokenizer
+
+            log.info("training the tiny word-level tokenizer into %s", tok_path)
+            train_tiny_tokenizer(_record_texts(root, config.data.train_split), tok_path)
+    if jax.process_count() > 1 and (must_generate or must_tokenize):
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("emollm_jax.prepare_data")
+    return DataSetup(root=root, tokenizer_path=tok_path)
+
+
+def load_tokenizer(setup: DataSetup):
+    """The run's tokenizer (data_pipeline.text.Tokenizer)."""
+    from data_pipeline.text import load_tokenizer as _load
+
+    return _load(setup.tokenizer_path)
+
+
+def new_model(cfg: EmoLLMConfig, seed: int) -> EmoLLM:
+    return EmoLLM(cfg, rngs=nnx_rngs(seed))
+
+
+def nnx_rngs(seed: int):
+    from flax import nnx
+
+    return nnx.Rngs(params=seed)
+
+
+def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
+                         init_from: str | None = None) -> None:
+    """Overwrites `model`'s parameters in place from `--init_from` / `config.init.*`.
+
+    `hf` / `init_from`: a whole-model HF dir (LLaVA layout) or the conversion CLI's orbax output; `llm` and
+    `vision`: HF dirs for one tower each (LLaVA-1.5 recipe: pretrained towers, fresh projector); `params`: an
+    orbax params-only checkpoint of this EmoLLM.
+    """
+    from flax import nnx
+
+    whole = init_from or config.init.hf
+    sources = []
+    if whole:
+        sources.append(("", whole))
+    if config.init.llm:
+        sources.append(("llm", config.init.llm))
+    if config.init.vision:
+        sources.append(("vision", config.init.vision))
+    for part, path in sources:
+        target = getattr(model, part) if part else model
+        if Path(path).is_dir() and (Path(path) / "config.json").exists():
+            from emollm_jax.convert import load_hf
+
+            loaded = load_hf(path, dtype=model.config.text.param_dtype)
+            if part == "vision" and hasattr(loaded, "vision"):
+                loaded = loaded.vision
+            new = nnx.state(loaded, nnx.Param)
+        else:
+            from emollm_jax.checkpoint import Checkpointer
+
+            abstract = nnx.state(target, nnx.Param)
+            new = Checkpointer.restore_params(path, abstract, None)
+        old = nnx.state(target, nnx.Param)
+        _check_same_shapes(old, new, f"{'config.init.' + part if part else 'init_from'}={path}")
+        nnx.update(target, new)
+        log.info("loaded %s weights from %s", part or "model", path)
+    if config.init.params:
+        from emollm_jax.checkpoint import Checkpointer
+
+        abstract = nnx.state(model, nnx.Param)
+        new = Checkpointer.restore_params(config.init.params, abstract, None)
+        nnx.update(model, new)
+        log.info("loaded params from %s", config.init.params)
+
+
+def _check_same_shapes(old: Any, new: Any, where: str) -> None:
+    o = {k: v.shape for k, v in _flat(old).items()}
+    n = {k: v.shape for k, v in _flat(new).items()}
+    missing, extra = sorted(set(o) - set(n)), sorted(set(n) - set(o))
+    if missing or extra:
+        raise ValueError(f"{where}: parameters differ from the configured model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    bad = [(k, n[k], o[k]) for k in o if tuple(n[k]) != tuple(o[k])]
+    if bad:
+        raise ValueError(f"{where}: shape mismatch (path, loaded, configured) {bad[:5]}")
+
+
+def _flat(state: Any) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v for p, v in leaves}

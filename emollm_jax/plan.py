@@ -1,0 +1,131 @@
+"""`--mode=plan`: will a config's train step fit? AOT lower + compile on abstract inputs, no weights.
+
+Each stage's step is compiled for the config's mesh over N devices (fake CPU devices work: set
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX starts, which main.py does). Parameter and
+optimizer bytes per device are exact (shapes x shardings). Activation / temporary bytes come from
+`compiled.memory_analysis()`. Compiling a 32-layer decoder on CPU is slow, so with `plan.shallow_layers=k`
+the step is compiled at k and 2k decoder layers and temporaries are extrapolated linearly per layer (the
+output says so). CPU compiles are a proxy for an accelerator's memory plan: fusion and layouts differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from emollm_jax import experiment, sharding, train
+
+log = logging.getLogger(__name__)
+GiB = float(1 << 30)
+
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: str
+    params_bytes: float       # per device
+    opt_bytes: float          # per device
+    batch_bytes: float        # per device
+    temp_bytes: float         # per device: activations, gradients, workspace
+    total_bytes: float        # per device peak estimate
+    compile_s: float
+    note: str
+
+    def lines(self, budget_gb: float) -> list[str]:
+        fits = "fits" if self.total_bytes <= budget_gb * GiB else "does NOT fit"
+        return [
+            f"stage {self.stage}: per device params {self.params_bytes / GiB:.2f} GiB, optimizer "
+            f"{self.opt_bytes / GiB:.2f} GiB, batch {self.batch_bytes / GiB:.3f} GiB, activations/temp "
+            f"{self.temp_bytes / GiB:.2f} GiB -> total {self.total_bytes / GiB:.2f} GiB: {fits} in "
+            f"{budget_gb:g} GiB (compile {self.compile_s:.1f} s{'; ' + self.note if self.note else ''})",
+        ]
+
+
+def _sharded_bytes(abstract: Any, shardings: Any) -> float:
+    """Bytes one device holds of `abstract` laid out with `shardings` (largest shard per leaf)."""
+    total = 0
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
+        shape = s.shard_shape(tuple(a.shape))
+        total += int(np.prod(shape)) * np.dtype(a.dtype).itemsize
+    return float(total)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a training batch (contract keys) with the data sharding."""
+    t, k = int(config.data.max_len), int(config.data.num_frames)
+    size = int(config.model.vision.image_size)
+    sh = sharding.data_sharding(mesh)
+    spec = dict(input_ids=((batch, t), np.int32), attention_mask=((batch, t), np.int32),
+                targets=((batch, t), np.int32), loss_mask=((batch, t), np.float32),
+                pixel_values=((batch, k, size, size, 3), np.float32), frame_media=((batch, k), np.int32))
+    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for key, (shape, dtype) in spec.items()}
+
+
+def _compile_stage(config, index: int, base_cfg, mesh) -> tuple[Any, train.StageState, dict, float]:
+    st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
+    stage = config.stages[config.stage_order[index]]
+    batch = abstract_batch(config, stage.batch_size // stage.grad_accum, mesh)
+    params = sharding.with_shardings(st.abstract_params, st.param_shardings)
+    opt = sharding.with_shardings(st.abstract_opt, st.opt_shardings)
+    t0 = time.perf_counter()
+    compiled = st.step_fn.lower(params, opt, batch).compile()
+    return compiled, st, batch, time.perf_counter() - t0
+
+
+def _temp(compiled) -> float:
+    mem = compiled.memory_analysis()
+    return float(mem.temp_size_in_bytes) if mem is not None else float("nan")
+
+
+def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:
+    """Memory plan of every stage for `config.mesh` over the first `num_devices` devices."""
+    devices = jax.devices()[: num_devices or len(jax.devices())]
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    vocab = int(config.model.text.vocab_size) or 512  # tiny: the tokenizer decides; 512 is a stand-in
+    image_id = int(config.model.image_token_id) if config.model.image_token_id >= 0 else vocab - 1
+    base_cfg = experiment.model_config(config, vocab_size=vocab, image_token_id=image_id)
+    depth = base_cfg.text.num_layers
+    shallow = int(config.plan.shallow_layers)
+    plans = []
+    for index, name in enumerate(config.stage_order):
+        if 0 < shallow and 2 * shallow < depth:
+            temps, times = [], []
+            for layers in (shallow, 2 * shallow):
+                text = dataclasses.replace(base_cfg.text, num_layers=layers)
+                cfg = dataclasses.replace(base_cfg, text=text)
+                compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
+                temps.append(_temp(compiled))
+                times.append(secs)
+            per_layer = (temps[1] - temps[0]) / shallow
+            temp = temps[0] + per_layer * (depth - shallow)
+            compile_s = sum(times)
+            note = (f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: "
+                    f"{per_layer / GiB:.3f} GiB/layer")
+            st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
+        else:
+            compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+            temp, note = _temp(compiled), "full-depth compile"
+        stage = config.stages[name]
+        batch = abstract_batch(config, stage.batch_size // stage.grad_accum, mesh)
+        p = _sharded_bytes(st.abstract_params, st.param_shardings)
+        o = _sharded_bytes(st.abstract_opt, st.opt_shardings)
+        b = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
+        plans.append(StagePlan(name, p, o, b, temp, p + o + b + temp, compile_s, note))
+    return plans
+
+
+def run_plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:
+    """Prints the plan (what `--mode=plan` shows) and returns it."""
+    n = num_devices or len(jax.devices())
+    print(f"memory plan: variant {config.variant}, {n} {jax.devices()[0].platform} devices, mesh "
+          f"{dict(config.mesh)}, budget {config.plan.device_memory_gb:g} GiB per device")
+    plans = plan(config, n)
+    for p in plans:
+        for line in p.lines(float(config.plan.device_memory_gb)):
+            print(line)
+    return plans
