@@ -81,6 +81,7 @@ class _ValidatingSource:
         self.num_frames = num_frames
         self.check_media = check_media
         self._valid: list[int] | None = None
+        self._invalid: dict[int, list[RecordError]] = {}
 
     def _read(self, index: int) -> tuple[dict | None, str, int, list[RecordError]]:
         raise NotImplementedError
@@ -107,13 +108,21 @@ class _ValidatingSource:
     def valid_indices(self) -> list[int]:
         """Indices of the records without problems; with validate="upfront" computed once, up front."""
         if self._valid is None:
-            good = []
+            good, bad = [], {}
             for i in range(len(self)):
                 record, source, line, errors = self._read(i)
-                if not self._check(record, source, line, errors):
+                errors = self._check(record, source, line, errors)
+                if errors:
+                    bad[i] = errors
+                else:
                     good.append(i)
-            self._valid = good
+            self._valid, self._invalid = good, bad
         return self._valid
+
+    def invalid(self) -> dict[int, list[RecordError]]:
+        """index -> problems of the records `valid_indices()` left out."""
+        self.valid_indices()
+        return self._invalid
 
     def problems(self) -> list[RecordError]:
         """Every problem in the source (reads and validates everything)."""

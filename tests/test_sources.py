@@ -26,7 +26,7 @@ def write_emobench(root, n_images=12, n_frame_videos=3, n_mp4=1, n_text=1, size=
 
     def conv(marker, i):
         label = EMOTIONS[i % len(EMOTIONS)]
-        q = f"{marker}What emotion is shown? Options: {', '.join(EMOTIONS)}."
+        q = f"{marker}Item {len(records)}: what emotion is shown? Options: {', '.join(EMOTIONS)}."
         return [{"from": "human", "value": q}, {"from": "gpt", "value": label}], label
 
     def png(path, value):
@@ -67,7 +67,8 @@ def write_emobench(root, n_images=12, n_frame_videos=3, n_mp4=1, n_text=1, size=
                         "conversations": c, "label": label})
     for t in range(n_text):
         records.append({"id": f"vqa-{t:04d}", "task": "vqa", "conversations": [
-            {"from": "human", "value": "Is a smile a sign of joy?"}, {"from": "gpt", "value": "yes"}]})
+            {"from": "human", "value": f"Item {len(records)}: is a smile a sign of joy?"},
+            {"from": "gpt", "value": "yes"}]})
     with open(root / "train.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

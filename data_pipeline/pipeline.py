@@ -1,0 +1,392 @@
+"""The Grain input pipeline: records -> numpy training batches (and left-padded evaluation batches).
+
+Training chain (per source, then mixed):
+
+    source -> [upfront: valid records only] -> shuffle(seed, reshuffled each epoch) -> repeat(num_epochs)
+      -> mix(weights) -> [process_index::process_count] -> map(encode) in Grain workers (mp_prefetch)
+      -> skip invalid (error budget) -> batch + pad to a length bucket -> zero-supervision check
+
+`encode` decodes the media (`media.load_media`) and tokenizes the conversation (`text.encode_conversation`).
+Skipping and batching run in the calling process, after the workers, so the error budget counts every
+skipped record exactly once and batches do not depend on the worker count.
+
+Batches are numpy dicts with static shapes per bucket (see `make_train_iterator`). Everything here is CPU
+numpy; JAX is imported only to read the default process index/count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipeline import media, text
+from data_pipeline.records import ErrorBudget, RecordError, media_layout
+from data_pipeline.sources import open_source
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """Everything that decides which batches a run sees. Frozen and hashable; workers receive a pickled copy.
+
+    Data:
+      sources: record files (`.json`/`.jsonl`), ArrayRecord shard prefixes/globs, or `tfds:NAME/SPLIT`.
+      weights: mixture weights, one per source (None: a single source, or uniform mixing).
+      data_root: media root for path-based records (None: each JSON file's directory; for tfds, the TFDS
+        data_dir). Embedded media (ArrayRecord/TFDS) need none.
+      validate: "lazy" (check each record when read, in the workers), "upfront" (check all records first;
+        epochs then hold only valid ones) or "none". `check_media` also opens every media file.
+      max_errors: invalid records to skip (counted in the calling process) before raising
+        `ErrorBudgetExceeded`. A record is invalid if it fails validation, its media cannot be decoded, it
+        has more than `max_media_frames` frames, or it is longer than the largest bucket.
+    Text:
+      tokenizer: path of a tokenizer directory / tokenizer.json (`text.load_tokenizer`).
+      template: chat template name (`text.TEMPLATES`).
+      prompt_prefix: record -> text put before the first question (EmoPrompt); must be picklable.
+    Media and visual tokens:
+      image_size, image_mode ("pad" | "crop"), num_frames (frames sampled per video).
+      max_media_frames: K, the frame slots per sample (`pixel_values float32[B, K, S, S, 3]`).
+      visual_tokens_per_frame, video_pooling ("concat" | "mean"): a media item of F frames becomes
+        `F * visual_tokens_per_frame` image tokens ("concat") or `visual_tokens_per_frame` ("mean"),
+        i.e. the model's `visual_tokens_per_media(cfg, F)`; or give `visual_tokens_fn(F) -> int` directly.
+    Batching:
+      batch_size: per process. seq_buckets: increasing lengths; a batch is padded to the smallest bucket
+        holding its longest sequence, so the trainer compiles at most `len(seq_buckets)` shapes.
+      seed, shuffle, num_epochs (None: repeat forever).
+      worker_count: Grain worker processes (0: decode in this process, with `read_threads` threads).
+      worker_buffer_size: elements each worker keeps ready.
+    """
+
+    sources: tuple[str, ...]
+    tokenizer: str
+    weights: tuple[float, ...] | None = None
+    data_root: str | None = None
+    template: str = "vicuna_v1"
+    image_size: int = 64
+    image_mode: str = "pad"
+    num_frames: int = 4
+    max_media_frames: int = 4
+    visual_tokens_per_frame: int = 16
+    video_pooling: str = "concat"
+    visual_tokens_fn: Callable[[int], int] | None = None
+    batch_size: int = 8
+    seq_buckets: tuple[int, ...] = (128, 256, 512)
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    worker_count: int = 0
+    worker_buffer_size: int = 4
+    read_threads: int = 2
+    validate: str = "lazy"
+    check_media: bool = False
+    max_errors: int = 0
+    prompt_prefix: Callable[[dict], str] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            object.__setattr__(self, "sources", (self.sources,))
+        if not self.sources:
+            raise ValueError("PipelineSpec.sources is empty")
+        if self.weights is not None and len(self.weights) != len(self.sources):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} sources")
+        if list(self.seq_buckets) != sorted(set(self.seq_buckets)) or not self.seq_buckets:
+            raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
+        if self.video_pooling not in ("concat", "mean"):
+            raise ValueError(f"video_pooling must be 'concat' or 'mean', got {self.video_pooling!r}")
+        if self.max_media_frames < 1:
+            raise ValueError(f"max_media_frames must be >= 1, got {self.max_media_frames}")
+
+    def visual_tokens(self, num_frames: int) -> int:
+        """Image tokens standing for one media item of `num_frames` frames."""
+        if self.visual_tokens_fn is not None:
+            return int(self.visual_tokens_fn(num_frames))
+        per_item = num_frames if self.video_pooling == "concat" else 1
+        return per_item * self.visual_tokens_per_frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-record encoding (runs in Grain workers)
+
+
+class _Encoder:
+    """Source example -> encoded sample dict, or {"errors": [...]} for a record to skip. Picklable."""
+
+    def __init__(self, spec: PipelineSpec, tokenizer: text.Tokenizer, *, for_generation: bool):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.for_generation = for_generation
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        record, source, line = example["record"], example["source"], example["line"]
+        if example["errors"]:
+            return {"errors": example["errors"], "id": _record_id(record)}
+        try:
+            return self._encode(record, source, line)
+        except (ValueError, OSError) as e:  # media.MediaError is a ValueError
+            return {"errors": [RecordError(source, line, "encode", str(e))], "id": _record_id(record)}
+
+    def _encode(self, record: dict, source: str, line: int) -> dict[str, Any]:
+        spec = self.spec
+        layout = media_layout(record, spec.num_frames)
+        if sum(layout) > spec.max_media_frames:
+            raise ValueError(f"{sum(layout)} frames > max_media_frames {spec.max_media_frames}")
+        root = spec.data_root if spec.data_root is not None else os.path.dirname(source)
+        frames = media.load_media(record, root, image_size=spec.image_size, num_frames=spec.num_frames,
+                                  mode=spec.image_mode)
+        prefix = spec.prompt_prefix(record) if spec.prompt_prefix is not None else ""
+        ids, mask = text.encode_conversation(
+            record["conversations"], spec.template, self.tokenizer,
+            visual_tokens=[spec.visual_tokens(f) for f in layout], prompt_prefix=prefix,
+            for_generation=self.for_generation, where=f"{source}:{line}: ",
+        )
+        if len(ids) > spec.seq_buckets[-1]:
+            raise ValueError(f"{len(ids)} tokens > the largest seq bucket {spec.seq_buckets[-1]}")
+        out = {
+            "id": _record_id(record), "input_ids": ids, "loss_mask": mask, "pixel_values": frames,
+            "frame_media": np.repeat(np.arange(len(layout), dtype=np.int32), layout),
+        }
+        if self.for_generation:
+            prompt = record["conversations"][-2 if len(record["conversations"]) % 2 == 0 else -1]["value"]
+            out["meta"] = {"id": out["id"], "task": record.get("task"), "label": record.get("label"),
+                           "options": record.get("options"), "prompt": prefix + prompt}
+        return out
+
+
+def _record_id(record: dict | None) -> str:
+    return str(record.get("id", "<no id>")) if isinstance(record, dict) else "<unparsed>"
+
+
+class _SkipInvalid:
+    """Filter that drops samples carrying errors and charges them to an `ErrorBudget` (main process)."""
+
+    def __init__(self, budget: ErrorBudget):
+        self.budget = budget
+
+    def __call__(self, sample: dict[str, Any]) -> bool:
+        if "errors" in sample:
+            self.budget.skip(sample["errors"])
+            return False
+        return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def _pad_media(samples: Sequence[dict], k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.zeros((len(samples), k, size, size, 3), np.float32)
+    frame_media = np.full((len(samples), k), -1, np.int32)
+    for i, s in enumerate(samples):
+        n = len(s["frame_media"])
+        pixels[i, :n] = s["pixel_values"]
+        frame_media[i, :n] = s["frame_media"]
+    return pixels, frame_media
+
+
+class _TrainBatcher:
+    """Right-padded training batch; raises if no token in it is supervised."""
+
+    def __init__(self, spec: PipelineSpec, pad_id: int):
+        self.spec, self.pad_id = spec, pad_id
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, np.ndarray]:
+        spec = self.spec
+        t = bucket_length(max(len(s["input_ids"]) for s in samples), spec.seq_buckets)
+        b = len(samples)
+        input_ids = np.full((b, t), self.pad_id, np.int32)
+        targets = np.full((b, t), self.pad_id, np.int32)
+        attention = np.zeros((b, t), np.int32)
+        loss_mask = np.zeros((b, t), np.float32)
+        for i, s in enumerate(samples):
+            ids, mask = s["input_ids"], s["loss_mask"]
+            n = len(ids)
+            input_ids[i, :n] = ids
+            attention[i, :n] = 1
+            targets[i, : n - 1] = ids[1:]          # logits[:, t] predicts targets[:, t] = input_ids[:, t + 1]
+            loss_mask[i, : n - 1] = mask[1:]
+        if not loss_mask.any():
+            ids = ", ".join(s["id"] for s in samples)
+            raise ValueError(f"batch with zero supervised tokens (records: {ids}); check the template and "
+                             "the tokenizer's end-of-turn token")
+        pixels, frame_media = _pad_media(samples, spec.max_media_frames, spec.image_size)
+        return {"input_ids": input_ids, "attention_mask": attention, "targets": targets,
+                "loss_mask": loss_mask, "pixel_values": pixels, "frame_media": frame_media}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chains
+
+
+class _Subset:
+    """Random access to `source` restricted to `indices` (the valid records of an upfront-checked source)."""
+
+    def __init__(self, source: Any, indices: Sequence[int]):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[self.indices[i]]
+
+
+def _open(spec: PipelineSpec, path: str, budget: ErrorBudget) -> Any:
+    """A source; with upfront validation, only its valid records, the invalid ones charged to `budget`."""
+    src = open_source(path, validate=spec.validate, data_root=spec.data_root, num_frames=spec.num_frames,
+                      check_media=spec.check_media, data_dir=spec.data_root)
+    if spec.validate == "upfront":
+        for errors in src.invalid().values():
+            budget.skip(errors)
+        return _Subset(src, src.valid_indices())
+    return src
+
+
+def _default_process() -> tuple[int, int]:
+    try:
+        import jax
+    except ImportError:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain 0.2.18 workers read absl flags (google/grain#1355); mark them parsed when no app did."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _load_tokenizer(spec: PipelineSpec, tokenizer: text.Tokenizer | None) -> text.Tokenizer:
+    return tokenizer if tokenizer is not None else text.load_tokenizer(spec.tokenizer)
+
+
+def _encoded(ds: grain.MapDataset, spec: PipelineSpec, encoder: _Encoder) -> grain.IterDataset:
+    """map(encode) -> iter, in `worker_count` processes (or `read_threads` threads when 0)."""
+    it = ds.map(encoder).to_iter_dataset(grain.ReadOptions(num_threads=spec.read_threads,
+                                                            prefetch_buffer_size=2 * spec.batch_size))
+    if spec.worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.worker_count,
+                                                         per_worker_buffer_size=spec.worker_buffer_size))
+    return it
+
+
+def make_train_dataset(
+    spec: PipelineSpec,
+    *,
+    tokenizer: text.Tokenizer | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    budget: ErrorBudget | None = None,
+) -> grain.IterDataset:
+    """The training chain as a `grain.IterDataset` of batches (see `make_train_iterator`)."""
+    tokenizer = _load_tokenizer(spec, tokenizer)
+    if process_index is None or process_count is None:
+        process_index, process_count = _default_process()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    budget = budget if budget is not None else ErrorBudget(spec.max_errors)
+    parts = []
+    for i, path in enumerate(spec.sources):
+        ds = grain.MapDataset.source(_open(spec, path, budget))
+        if spec.shuffle:
+            ds = ds.shuffle(seed=spec.seed + 1000 * i)
+        parts.append(ds.repeat(spec.num_epochs))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, spec.weights)
+    ds = ds[process_index::process_count]
+    it = _encoded(ds, spec, _Encoder(spec, tokenizer, for_generation=False))
+    it = it.filter(_SkipInvalid(budget))
+    return it.batch(spec.batch_size, drop_remainder=True, batch_fn=_TrainBatcher(spec, tokenizer.pad_id))
+
+
+def make_train_iterator(
+    spec: PipelineSpec,
+    *,
+    tokenizer: text.Tokenizer | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    budget: ErrorBudget | None = None,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of this process's training batches.
+
+    Each batch (T = a bucket of `spec.seq_buckets`, K = `spec.max_media_frames`, S = `spec.image_size`):
+      input_ids int32[B, T], attention_mask int32[B, T] (right padded), targets int32[B, T]
+      (= input_ids shifted left), loss_mask float32[B, T] (1 where targets[:, t] is an answer token or its
+      end-of-turn), pixel_values float32[B, K, S, S, 3] (zeros in unused slots), frame_media int32[B, K]
+      (media index of each frame slot, -1 = empty).
+    Processes get disjoint interleaved slices (`[process_index::process_count]`) of the same shuffled
+    stream, by default `jax.process_index()` / `jax.process_count()`. Resume with
+    `it.set_state(saved)`, where `saved = it.get_state()` is a JSON-serialisable dict.
+    Raises `ErrorBudgetExceeded` past `spec.max_errors` skipped records and ValueError on a batch without
+    supervised tokens (naming its records).
+    """
+    ds = make_train_dataset(spec, tokenizer=tokenizer, process_index=process_index,
+                            process_count=process_count, budget=budget)
+    return iter(ds)
+
+
+class _EvalBatcher:
+    """Left-padded prompt batch padded to `batch_size` rows; `valid` marks the real rows."""
+
+    def __init__(self, spec: PipelineSpec, pad_id: int):
+        self.spec, self.pad_id = spec, pad_id
+
+    def __call__(self, samples: Sequence[dict]) -> tuple[dict[str, np.ndarray], list[dict]]:
+        spec = self.spec
+        t = bucket_length(max(len(s["input_ids"]) for s in samples), spec.seq_buckets)
+        b = spec.batch_size
+        input_ids = np.full((b, t), self.pad_id, np.int32)
+        attention = np.zeros((b, t), np.int32)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, t - n:] = s["input_ids"]
+            attention[i, t - n:] = 1
+        pixels, frame_media = _pad_media(samples, spec.max_media_frames, spec.image_size)
+        pixels = np.concatenate([pixels, np.zeros((b - len(samples), *pixels.shape[1:]), np.float32)])
+        frame_media = np.concatenate([frame_media, np.full((b - len(samples), frame_media.shape[1]), -1,
+                                                           np.int32)])
+        valid = np.arange(b) < len(samples)
+        batch = {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels,
+                 "frame_media": frame_media, "valid": valid}
+        return batch, [s["meta"] for s in samples]
+
+
+def make_eval_batches(
+    spec: PipelineSpec,
+    *,
+    tokenizer: text.Tokenizer | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    budget: ErrorBudget | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], list[dict]]]:
+    """Generation batches over every valid record, in source order (no shuffle, one pass).
+
+    Yields `(batch, metadata)`: batch has input_ids int32[B, T] and attention_mask int32[B, T] (prompts
+    left padded, ending right after the last "ASSISTANT:"-style prompt), pixel_values float32[B, K, S, S, 3],
+    frame_media int32[B, K] and valid bool[B] (False on the rows padding the last batch); metadata is a list
+    of `{"id", "task", "label", "options", "prompt"}` for the valid rows, in order. With several processes,
+    each evaluates the records `[process_index::process_count]`. Invalid records are skipped against the
+    budget like in training.
+    """
+    tokenizer = _load_tokenizer(spec, tokenizer)
+    budget = budget if budget is not None else ErrorBudget(spec.max_errors)
+    parts = [grain.MapDataset.source(_open(spec, path, budget)) for path in spec.sources]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    ds = ds[process_index::process_count]
+    it = _encoded(ds, spec, _Encoder(spec, tokenizer, for_generation=True))
+    it = it.filter(_SkipInvalid(budget))
+    batcher = _EvalBatcher(spec, tokenizer.pad_id)
+    return iter(it.batch(spec.batch_size, drop_remainder=False, batch_fn=batcher))
