@@ -110,3 +110,64 @@ def test_write_outputs_structure(tmp_path):
     for task in ("emo_c", "humor", "sarcasm", "vqa"):
         assert (tmp_path / f"confusion_{task}.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------ end to end, tiny random model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.tiny_eval_setup import make_data, random_model, tiny_config
+
+    tmp = tmp_path_factory.mktemp("tiny_eval")
+    data, tok_path, tok = make_data(tmp)
+    config = tiny_config(data, tok_path)
+    return config, tok, random_model(config, tok), tmp
+
+
+def test_run_eval_end_to_end_on_a_random_model(tiny):
+    config, tok, model, tmp = tiny
+    work = tmp / "work"
+    results = evaluate.run_eval(config, work, model=model, tokenizer=tok, progress=False)
+    out = work / "eval"
+    assert set(results["splits"]) == {"test", "test_blank"}
+    tasks = ["emo_c", "emo_o", "intent", "hate", "humor", "sarcasm", "caption", "vqa"]
+    assert list(results["accuracy"]) == tasks
+    assert results["control"]["split"] == "test_blank"
+    assert set(results["control"]["drop"]) == set(results["accuracy"]) | {"emobench_mean"}
+    for r in results["splits"]["test"]["tasks"].values():
+        assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+        assert sum(map(sum, r["confusion"])) == 2
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 16                                     # 8 tasks x 2 records x 2 splits
+    assert {r["split"] for r in rows} == {"test", "test_blank"}
+    vqa = [r for r in rows if r["task"] == "vqa"]
+    assert all(r["gold"] for r in vqa)                              # gold from the answer turn (no label)
+    assert all("<image>" in r["prompt"] or "<video>" in r["prompt"] for r in rows)
+    # a random model mostly produces unparseable text: every such answer is listed, none dropped.
+    report = (out / "report.md").read_text()
+    bad = [r for r in rows if r["parsed"] is None]
+    assert f"## Unparseable answers ({len(bad)})" in report
+    for r in bad:
+        assert f"| {r['split']} | {r['id']} | {r['task']} |" in report
+    for task in results["accuracy"]:
+        assert (out / f"confusion_{task}.png").stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["emobench_mean"] == pytest.approx(results["emobench_mean"])
+
+
+@pytest.mark.slow
+def test_run_eval_with_emoprompt_and_subset(tiny):
+    config, tok, model, tmp = tiny
+    config = config.copy_and_resolve_references()
+    config.emoprompt.num_exemplars = 1
+    config.eval.max_examples = 8                                     # 1 per task
+    results = evaluate.run_eval(config, tmp / "work_m1", model=model, tokenizer=tok, splits=["test"],
+                                progress=False)
+    assert results["control"] is None
+    assert all(r["n"] == 1 for r in results["splits"]["test"]["tasks"].values())
+    lines = (tmp / "work_m1" / "eval" / "predictions.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(r["prompt"].startswith("Example: ") and "\nAnswer: " in r["prompt"] for r in rows)
+    assert (tmp / "work_m1" / "emoprompt_bank.json").exists()
