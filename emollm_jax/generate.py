@@ -1,0 +1,132 @@
+"""Batched autoregressive generation with a KV cache: one prefill, then the whole decode loop in one jit.
+
+Works for any model with the decoder's cache protocol (``LlamaForCausalLM`` and ``EmoLLM``):
+``model(ids, attention_mask=..., cache=cache[, pixel_values=..., frame_media=...]) -> (logits, cache)``.
+The model goes in as ``nnx.split``'s (graphdef, state), so parameters are a jit argument (never baked in as
+constants) and may be sharded on a mesh; the compiled function is cached per (graphdef, decoding options) and
+jax.jit caches it per input shapes, so repeated calls with the same shapes do not recompile.
+
+Prompts are left padded (``attention_mask`` 0 on the left): the last column is every row's last prompt token,
+and the decoder derives unpadded positions from the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emollm_jax.models.llama import init_cache
+
+
+def _text_config(model: nnx.Module):
+    """The decoder config (an EmoLLM keeps its decoder in ``.llm``)."""
+    return getattr(model, "llm", model).config
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """float[B, V] -> int32[B]: argmax when temperature == 0, else nucleus sampling at the temperature.
+
+    top_p keeps the smallest set of most likely tokens whose probability reaches top_p (the most likely one is
+    always kept, so a tiny top_p is greedy).
+    """
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        kept = jnp.where(before < top_p, sorted_logits, jnp.inf).min(axis=-1, keepdims=True)
+        logits = jnp.where(logits >= kept, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def make_generate_fn(
+    graphdef: nnx.GraphDef,
+    *,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> Callable[..., jax.Array]:
+    """A jitted ``fn(state, input_ids, attention_mask, pixel_values, frame_media, rng) -> int32[B, N]``.
+
+    input_ids/attention_mask int32[B, T] (left padded); pixel_values/frame_media as ``EmoLLM`` takes them, or
+    None (text-only models must get None); rng a PRNG key (unused when greedy). Rows that produced an EOS get
+    ``pad_id`` afterwards; the loop stops early once every row has finished.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def run(state, input_ids, attention_mask, pixel_values, frame_media, rng):
+        model = nnx.merge(graphdef, state)
+        b, t = input_ids.shape
+        cache = init_cache(_text_config(model), b, t + max_new_tokens)
+        media = {} if pixel_values is None else {"pixel_values": pixel_values, "frame_media": frame_media}
+        logits, cache = model(input_ids, attention_mask=attention_mask, cache=cache, **media)
+        first = sample_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_p)
+        tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+        done = jnp.isin(first, eos)
+
+        def cond(carry):
+            i, _, done, _ = carry
+            return (i < max_new_tokens) & ~jnp.all(done)
+
+        def body(carry):
+            i, tokens, done, cache = carry
+            prev = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # int32[B, 1]
+            logits, cache = model(prev, attention_mask=jnp.ones_like(prev), cache=cache)
+            nxt = sample_token(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_p)
+            nxt = jnp.where(done, pad_id, nxt)
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, axis=1)
+            return i + 1, tokens, done | jnp.isin(nxt, eos), cache
+
+        _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, cache))
+        return tokens
+
+    return jax.jit(run)
+
+
+def generate(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    pixel_values: jax.Array | None = None,
+    frame_media: jax.Array | None = None,
+    max_new_tokens: int,
+    eos_id: int | Sequence[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> jax.Array:
+    """Generates up to ``max_new_tokens`` after left-padded prompts; returns int32[B, max_new_tokens]
+    (``pad_id`` after each row's EOS). Greedy at temperature 0, else nucleus sampling seeded by ``seed``."""
+    eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
+    graphdef, state = nnx.split(model)
+    fn = make_generate_fn(
+        graphdef,
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=eos_ids,
+        pad_id=int(pad_id),
+        temperature=float(temperature),
+        top_p=float(top_p),
+    )
+    args: tuple[Any, ...] = (jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+    if pixel_values is not None:
+        pixel_values = jnp.asarray(pixel_values)
+        if frame_media is None:
+            k = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
+            frame_media = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (pixel_values.shape[0], k))
+        frame_media = jnp.asarray(frame_media, jnp.int32)
+    return fn(state, *args, pixel_values, frame_media, jax.random.key(seed))
