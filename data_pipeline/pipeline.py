@@ -44,7 +44,7 @@ class PipelineSpec:
         `ErrorBudgetExceeded`. A record is invalid if it fails validation, its media cannot be decoded, it
         has more than `max_media_frames` frames, or it is longer than the largest bucket.
     Text:
-      tokenizer: path of a tokenizer directory / tokenizer.json (`text.load_tokenizer`).
+      tokenizer: a `text.Tokenizer`, or the path of a tokenizer directory / tokenizer.json.
       template: chat template name (`text.TEMPLATES`).
       prompt_prefix: record -> text put before the first question (EmoPrompt); must be picklable.
     Media and visual tokens:
@@ -62,7 +62,7 @@ class PipelineSpec:
     """
 
     sources: tuple[str, ...]
-    tokenizer: str
+    tokenizer: str | text.Tokenizer
     weights: tuple[float, ...] | None = None
     data_root: str | None = None
     template: str = "vicuna_v1"
@@ -270,7 +270,18 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _load_tokenizer(spec: PipelineSpec, tokenizer: text.Tokenizer | None) -> text.Tokenizer:
-    return tokenizer if tokenizer is not None else text.load_tokenizer(spec.tokenizer)
+    if tokenizer is not None:
+        return tokenizer
+    if isinstance(spec.tokenizer, text.Tokenizer):
+        return spec.tokenizer
+    return text.load_tokenizer(spec.tokenizer)
+
+
+def num_records(spec: PipelineSpec) -> int:
+    """Records in one pass over all of `spec.sources` (before skipping invalid ones, except with upfront
+    validation), i.e. what one epoch covers across all processes."""
+    budget = ErrorBudget(1 << 62)
+    return sum(len(_open(spec, path, budget)) for path in spec.sources)
 
 
 def _encoded(ds: grain.MapDataset, spec: PipelineSpec, encoder: _Encoder) -> grain.IterDataset:
