@@ -435,13 +435,21 @@ def _save_png(im: Image.Image, path: Path) -> None:
 
 
 def save_mp4(frames: list[Image.Image], path: str | os.PathLike, fps: int = 4) -> None:
-    """Writes frames as an intra-only, high-quality MPEG-4 Part 2 video (deterministic, single-threaded)."""
+    """Writes frames as a lossless H.264 (4:4:4, qp 0) mp4, single-threaded so the bytes are reproducible.
+
+    Without libx264 in this PyAV build it falls back to intra-only, high-quality MPEG-4 Part 2 (lossy, 4:2:0).
+    """
     import av
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lossless = "libx264" in av.codecs_available
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps, options={"qscale": "2", "g": "1"})
-        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        if lossless:
+            stream = container.add_stream("libx264", rate=fps, options={"qp": "0", "preset": "ultrafast"})
+        else:
+            stream = container.add_stream("mpeg4", rate=fps, options={"qscale": "2", "g": "1"})
+        stream.width, stream.height = frames[0].width, frames[0].height
+        stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
         stream.thread_count = 1
         for im in frames:
             for packet in stream.encode(av.VideoFrame.from_image(im)):
