@@ -149,7 +149,7 @@ class JsonRecordSource(_ValidatingSource):
         self.path = os.fspath(path)
         self.name = self.path
         if self.path.endswith(".jsonl"):
-            self._offsets, self._lines = _line_index(self.path)
+            self._offsets, self._sizes, self._lines = _line_index(self.path)
             self._records = None
         elif self.path.endswith(".json"):
             errors: list[RecordError] = []
@@ -160,7 +160,7 @@ class JsonRecordSource(_ValidatingSource):
             self._lines = [line for line, _ in items]
         else:
             raise ValueError(f"{self.path}: expected a .json or .jsonl record file")
-        self._file = None
+        self._fd: int | None = None
         if self.validate == "upfront":
             self.valid_indices()
 
@@ -169,17 +169,21 @@ class JsonRecordSource(_ValidatingSource):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"] = None
+        state["_fd"] = None
         return state
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def _read(self, index):
         line = self._lines[index]
         if self._records is not None:
             return self._records[index], self.path, line, []
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for random access
-        self._file.seek(self._offsets[index])
-        text = self._file.readline()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        # pread: no shared file position, so Grain's reader threads can share the descriptor
+        text = os.pread(self._fd, self._sizes[index], self._offsets[index])
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -190,17 +194,18 @@ class JsonRecordSource(_ValidatingSource):
         return obj, self.path, line, []
 
 
-def _line_index(path: str) -> tuple[list[int], list[int]]:
-    """Byte offsets and 1-based line numbers of the non-empty lines of a text file."""
-    offsets, lines = [], []
+def _line_index(path: str) -> tuple[list[int], list[int], list[int]]:
+    """Byte offsets, byte sizes and 1-based line numbers of the non-empty lines of a text file."""
+    offsets, sizes, lines = [], [], []
     pos = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():
                 offsets.append(pos)
+                sizes.append(len(raw))
                 lines.append(lineno)
             pos += len(raw)
-    return offsets, lines
+    return offsets, sizes, lines
 
 
 def shard_paths(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:

@@ -188,3 +188,15 @@ def test_tfds_builder_without_tensorflow(bench, tmp_path):
     import sys
 
     assert "tensorflow" not in sys.modules
+
+
+def test_jsonl_reads_are_thread_safe(bench):
+    """Grain reads a source from several threads; random reads must not share a file position."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, records = bench
+    src = sources.JsonRecordSource(root / "train.jsonl", validate="none")
+    order = [i % len(records) for i in range(400)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: src[i], order))
+    assert all(ex["errors"] == [] and ex["record"] == records[i] for ex, i in zip(got, order, strict=True))
