@@ -94,7 +94,8 @@ def _base() -> ml_collections.ConfigDict:
         root="",             # EmoBench root with train/test record files; empty: generate mini-EmoBench
         tokenizer="",        # HF tokenizer dir or tokenizer.json; empty: train the tiny word-level tokenizer
         template="vicuna_v1",
-        max_len=256,         # tokens per training sequence (visual tokens included)
+        max_len=256,         # longest training sequence (visual tokens included)
+        seq_buckets=(),      # padded lengths, one compile each; empty: (max_len,)
         num_frames=4,        # frames sampled per video
         train_split="train",
         eval_split="test",
@@ -104,7 +105,7 @@ def _base() -> ml_collections.ConfigDict:
         mini_test_per_task=0,   # mini-EmoBench test records per task; 0 = the generator's default
         mini_video_files=False,
     ))
-    c.emoprompt = ml_collections.ConfigDict(dict(bank="", num_exemplars=0))
+    c.emoprompt = ml_collections.ConfigDict(dict(bank="", num_exemplars=0, strategy="fixed", per_task=16))
 
     c.init = ml_collections.ConfigDict(dict(
         hf="",               # an HF LLaVA/EmoLLM dir, or the conversion CLI's orbax output (whole model)
@@ -127,7 +128,8 @@ def _base() -> ml_collections.ConfigDict:
         loss_chunk=0,        # >0: cross-entropy over vocab computed in chunks of this many positions
         profile=False,
     ))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8, max_examples=0))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8, max_examples=0, control_split="",
+                                            synonyms=""))
     c.plan = ml_collections.ConfigDict(dict(device_memory_gb=16.0, num_devices=8, shallow_layers=0))
     return c
 

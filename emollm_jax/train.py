@@ -10,8 +10,11 @@ the stage index and the step, so a killed run resumes on exactly the batches it 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,7 +147,7 @@ def abstract_model(model_cfg: EmoLLMConfig, seed: int = 0) -> tuple[nnx.GraphDef
 
 
 def build_stage(config: ml_collections.ConfigDict, index: int, base_cfg: EmoLLMConfig,
-                mesh: jax.sharding.Mesh,                 total_steps: int) -> StageState:
+                mesh: jax.sharding.Mesh, total_steps: int) -> StageState:
     """Optimizer, shardings and the jitted step for stage `config.stage_order[index]`. The vision tower sits
     under stop_gradient unless the stage trains it, so frozen-tower stages skip its backward pass."""
     from emollm_jax.optim import make_optimizer
@@ -192,35 +195,54 @@ def stage_steps(stage: ml_collections.ConfigDict, num_records: int) -> int:
 # ------------------------------------------------------------------------------------------------- data
 
 
+def stage_records(setup: experiment.DataSetup, split: str, tasks: tuple[str, ...],
+                  out: Path) -> tuple[Path, int]:
+    """Writes the records of `tasks` from `<root>/<split>.jsonl` to `out` (a stage's mixture, in file order);
+    returns (path, record count). Rewritten atomically, so concurrent processes agree."""
+    from data_pipeline.records import iter_records
+
+    src = Path(setup.root) / f"{split}.jsonl"
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no {split!r} record file (config.data.root={setup.root!r})")
+    lines = [json.dumps(rec) for _, rec in iter_records(src) if rec.get("task") in tasks]
+    if not lines:
+        raise ValueError(f"{src}: no record of tasks {list(tasks)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    return out, len(lines)
+
+
 def default_data_factory(config, stage, setup, tokenizer, model_cfg, local_batch, process_index,
-                         process_count) -> tuple[StageData, int]:
-    """C2's Grain pipeline for one stage: this process's shard of the stage's task mixture."""
+                         process_count, *, workdir: str) -> tuple[StageData, int]:
+    """C2's Grain pipeline for one stage: this process's shard of the stage's task mixture, repeated."""
     from data_pipeline import pipeline
-
-    spec = pipeline.PipelineSpec(
-        root=setup.root,
-        split=config.data.train_split,
-        tasks=tuple(stage.tasks),
-        tokenizer=tokenizer,
-        template=config.data.template,
-        max_len=int(config.data.max_len),
-        batch_size=local_batch,
-        image_size=int(config.model.vision.image_size),
-        num_frames=int(config.data.num_frames),
-        tokens_per_media=lambda frames: _tokens_per_media(model_cfg, frames),
-        seed=int(config.seed),
-        num_workers=int(config.data.num_workers),
-        shard_index=process_index,
-        shard_count=process_count,
-    )
-    it = pipeline.make_train_iterator(spec)
-    return it, int(getattr(it, "num_records", 0) or pipeline.num_records(spec))
-
-
-def _tokens_per_media(model_cfg: EmoLLMConfig, frames: int) -> int:
+    from emollm_jax import emoprompt
     from emollm_jax.models.emollm import visual_tokens_per_media
 
-    return visual_tokens_per_media(model_cfg, frames)
+    path, n = stage_records(setup, config.data.train_split, tuple(stage.tasks),
+                            Path(workdir) / "mixtures" / f"{stage.name}_{config.data.train_split}.jsonl")
+    frames = int(config.data.num_frames)
+    spec = pipeline.PipelineSpec(
+        sources=(str(path),),
+        tokenizer=setup.tokenizer_path,
+        data_root=setup.root,
+        template=config.data.template,
+        image_size=int(config.model.vision.image_size),
+        num_frames=frames,
+        max_media_frames=frames,
+        visual_tokens_fn=functools.partial(visual_tokens_per_media, model_cfg),
+        batch_size=local_batch,
+        seq_buckets=tuple(config.data.seq_buckets) or (int(config.data.max_len),),
+        seed=int(config.seed),
+        shuffle=True,
+        worker_count=int(config.data.num_workers),
+        prompt_prefix=emoprompt.from_config(config, setup.root, workdir),
+    )
+    it = pipeline.make_train_iterator(spec, tokenizer=tokenizer, process_index=process_index,
+                                      process_count=process_count)
+    return it, n
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -255,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | N
     """
     from emollm_jax.checkpoint import Checkpointer
 
-    data_factory = data_factory or default_data_factory
+    data_factory = data_factory or functools.partial(default_data_factory, workdir=workdir)
     workdir_p = Path(workdir)
     lead = jax.process_index() == 0
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
@@ -272,6 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | N
     latest = ckpt.latest_step()
     params, offset, global_step = None, 0, 0
     losses: dict[str, list[float]] = {}
+    streams: list[StageData] = []
     try:
         for index, name in enumerate(config.stage_order):
             stage = config.stages[name]
@@ -279,6 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | N
             accum = int(stage.grad_accum)
             data, n_records = data_factory(config, stage, setup, tokenizer, base_cfg,
                                            stage.batch_size // accum // n_proc, jax.process_index(), n_proc)
+            streams.append(data)  # kept alive to the end: a collected record source closes its descriptor
             updates = stage_steps(stage, n_records)
             total = updates * accum  # step calls (micro-batches) of this stage
             end, start = offset + total, offset

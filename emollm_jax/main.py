@@ -1,0 +1,126 @@
+"""Entry point: `python -m emollm_jax.main --config configs/emobench.py[:variant] --workdir DIR --mode MODE`.
+
+Modes: `train`, `eval`, `predict`, `plan` (AOT memory plan on fake devices, no weights), `all` (train, then
+eval on the trained params; the default). `--config.a.b=value` overrides any config key. Multi-host: pass
+`--coordinator_address/--num_processes/--process_id` (or rely on the cluster environment).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "emobench.py")
+
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file, optionally with :variant.",
+                                lock_config=False)
+flags.DEFINE_string("workdir", "./workdir", "Run directory: data, tokenizer, checkpoints, logs, reports.")
+flags.DEFINE_enum("mode", "all", ["train", "eval", "predict", "plan", "all"], "What to run.")
+flags.DEFINE_string("init_from", None, "HF dir or orbax params checkpoint to start from (over config.init).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_integer("plan_devices", None, "--mode=plan: fake CPU devices (default config.plan.num_devices).")
+flags.DEFINE_string("image", None, "--mode=predict: image file.")
+flags.DEFINE_string("video", None, "--mode=predict: video file or frame directory.")
+flags.DEFINE_string("question", None, "--mode=predict: the question.")
+flags.DEFINE_string("jsonl", None, "--mode=predict: JSONL of requests.")
+flags.DEFINE_string("task", None, "--mode=predict: EmoBench task, to parse the answer into a label.")
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("emollm_jax")
+
+
+def _validator(config_path: str):
+    """`validate_config` of the config file in use (configs import it from emobench.py), else emobench's."""
+    path = config_path.split(":", 1)[0]
+    for candidate in (path, _DEFAULT_CONFIG):
+        spec = importlib.util.spec_from_file_location("_emollm_config", candidate)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "validate_config"):
+            return module.validate_config
+    raise ValueError(f"--config={config_path}: no validate_config in it or in {_DEFAULT_CONFIG}")
+
+
+def _use_fake_devices(n: int) -> None:
+    """Plan mode compiles for `n` CPU devices; must run before JAX initialises its backends."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = FLAGS.config
+    if FLAGS.mode == "plan":
+        _use_fake_devices(int(FLAGS.plan_devices or config.plan.num_devices))
+
+    import jax
+
+    from emollm_jax import sharding
+
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    validate = _validator(flags.FLAGS["config"].config_filename)
+    validate(config, jax.device_count())
+    if jax.process_index() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    workdir = os.path.abspath(FLAGS.workdir)
+    log.info("variant %s, mode %s, workdir %s, %d devices (%d processes)", config.variant, FLAGS.mode,
+             workdir, jax.device_count(), jax.process_count())
+
+    if FLAGS.mode == "plan":
+        from emollm_jax.plan import run_plan
+
+        run_plan(config, jax.device_count())
+        return
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, f"config.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+        os.replace(tmp, os.path.join(workdir, "config.json"))
+
+    model = tokenizer = None
+    if FLAGS.mode in ("train", "all"):
+        from flax import nnx
+
+        from emollm_jax import experiment, train
+
+        result = train.train(config, workdir, init_from=FLAGS.init_from)
+        if FLAGS.mode == "all":
+            graphdef, _, rest = train.abstract_model(result.model_cfg, config.seed)
+            model = nnx.merge(graphdef, result.params, rest)
+            tokenizer = experiment.load_tokenizer(experiment.prepare_data(config, workdir))
+    if FLAGS.mode in ("eval", "all"):
+        from emollm_jax.evaluate import run_eval
+
+        init_from = FLAGS.init_from if FLAGS.mode == "eval" else None
+        results = run_eval(config, workdir, model=model, tokenizer=tokenizer, init_from=init_from)
+        if jax.process_index() == 0 and isinstance(results, dict) and "mean_accuracy" in results:
+            log.info("mean accuracy %.4f", results["mean_accuracy"])
+    if FLAGS.mode == "predict":
+        from emollm_jax.predict import run_predict
+
+        run_predict(config, workdir, image=FLAGS.image, video=FLAGS.video, question=FLAGS.question,
+                    jsonl=FLAGS.jsonl, task=FLAGS.task, init_from=FLAGS.init_from)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
