@@ -107,28 +107,26 @@ def render_report(results: Mapping[str, Any], predictions: Sequence[Mapping[str,
 
 def plot_confusion(path: str | os.PathLike, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
     """PNG heat map: rows gold, columns predicted; the last column is "none" (unparseable or off-label)."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # A bare Figure on the Agg canvas: no pyplot state, so a notebook's inline backend is left alone.
     matrix = np.asarray(matrix)
     cols = list(labels) + ["(none)"]
     size = max(3.0, 0.55 * len(cols) + 1.5)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    try:
-        ax.imshow(matrix, cmap="Blues", aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(labels)), list(labels), fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("gold")
-        ax.set_title(title, fontsize=10)
-        peak = matrix.max() if matrix.size else 0
-        for (i, j), v in np.ndenumerate(matrix):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                        color="white" if v > peak / 2 else "black")
-        fig.tight_layout()
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(size + 1, size))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), list(labels), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title, fontsize=10)
+    peak = matrix.max() if matrix.size else 0
+    for (i, j), v in np.ndenumerate(matrix):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > peak / 2 else "black")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)

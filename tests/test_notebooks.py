@@ -23,7 +23,8 @@ def test_notebook_structure():
     assert '"jax[tpu]"' in install and '"jax[cuda12]"' in install
     params = _parameters_cell(nb).source
     assert 'VARIANT = "tiny"' in params
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") for c in code_cells), "commit notebooks without outputs"
 
 
 @pytest.mark.slow
@@ -35,7 +36,8 @@ def test_notebook_runs_on_tiny(tmp_path):
         'VARIANT = "tiny"', f'WORKDIR = "{tmp_path / "work"}"', 'DATA_ROOT = ""', 'INIT_FROM = ""',
         "MINI_SCALE = 0.02", "TRAIN_STEPS = (1, 2)", "EMOPROMPT_M = 1", "MAX_EXAMPLES = 0",
         "USE_DRIVE = False", 'DRIVE_DIR = ""'])
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client.execute()
     work = tmp_path / "work"
     assert (work / "eval" / "results.json").exists() and (work / "eval" / "report.md").exists()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
