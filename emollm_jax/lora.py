@@ -1,0 +1,139 @@
+"""LoRA adapters on the decoder's projections (in place), and merging them back for export.
+
+`apply_lora` swaps each targeted `nnx.Linear` (matched by attribute name, e.g. `q_proj`) for a `LoRALinear`
+that keeps the very same `kernel`/`bias` Params (so their state paths and checkpoints are unchanged) and adds
+`lora.a: [in, r]`, `lora.b: [r, out]`: y = x W + b + (alpha / r) * x A B. B starts at zero, so the model's
+output is unchanged until training moves it. The adapters sit under a `lora` attribute, which is how
+`emollm_jax.optim.param_group` puts them in the "lora" group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class LoRA(nnx.Module):
+    """The low-rank update alone: float[..., in] -> float[..., out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        *,
+        names: tuple[str | None, str | None] = (None, None),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if rank <= 0:
+            raise ValueError(f"LoRA rank={rank}: must be positive")
+        self.scale = float(alpha) / rank
+        self.dtype = dtype
+        # A like a fresh nn.Linear (Kaiming-uniform, as peft does), B zero: the update starts at exactly zero.
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.a = nnx.LoRAParam(
+            a_init(rngs.params(), (in_features, rank), param_dtype), out_sharding=(names[0], "lora_rank")
+        )
+        self.b = nnx.LoRAParam(
+            jnp.zeros((rank, out_features), param_dtype), out_sharding=("lora_rank", names[1])
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or jnp.result_type(x, self.a[...])
+        a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
+        return (x.astype(dtype) @ a) @ b * jnp.asarray(self.scale, dtype)
+
+    def delta(self) -> jax.Array:
+        """float32[in, out]: the update folded into a kernel."""
+        return (self.a[...].astype(jnp.float32) @ self.b[...].astype(jnp.float32)) * self.scale
+
+
+def _copy_linear_fields(dst: nnx.Linear, src: nnx.Linear) -> None:
+    """Take over `src`'s configuration and Params (public attributes; nnx's own bookkeeping is private)."""
+    for name, value in vars(src).items():
+        if not name.startswith("_") and name != "lora":
+            setattr(dst, name, value)
+
+
+class LoRALinear(nnx.Linear):
+    """An `nnx.Linear` (same kernel/bias Params, same call) plus a `LoRA` update."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+        # Not calling nnx.Linear.__init__: that would allocate a new kernel; the base's is reused as is.
+        _copy_linear_fields(self, base)
+        shape = self.kernel[...].shape
+        if len(shape) != 2:
+            raise ValueError(f"LoRA needs a 2-D kernel [in, out], got {shape}")
+        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        self.lora = LoRA(
+            shape[0],
+            shape[1],
+            rank,
+            alpha,
+            names=tuple(names),
+            dtype=self.dtype,
+            param_dtype=self.kernel[...].dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+        y = super().__call__(x, out_sharding=out_sharding)
+        return y + self.lora(x).astype(y.dtype)
+
+
+def _targets(model: nnx.Module, targets: Sequence[str], kind: type) -> list[tuple]:
+    return [
+        path
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, kind) and path and path[-1] in targets
+    ]
+
+
+def _node(model: nnx.Module, path: tuple) -> Any:
+    for key in path:
+        model = model[key] if isinstance(key, int) else getattr(model, key)
+    return model
+
+
+def _swap(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    setattr(_node(model, path[:-1]), path[-1], new)
+
+
+def apply_lora(
+    model: nnx.Module, rank: int, alpha: float, targets: Sequence[str], rngs: nnx.Rngs
+) -> list[str]:
+    """Wrap each `nnx.Linear` named in `targets` (e.g. ("q_proj", "v_proj")) in place; returns their paths."""
+    targets = tuple(targets)
+    already = _targets(model, targets, LoRALinear)
+    if already:
+        raise ValueError(f"apply_lora: {'/'.join(map(str, already[0]))} already has LoRA")
+    paths = _targets(model, targets, nnx.Linear)
+    if not paths:
+        raise ValueError(f"apply_lora: no nnx.Linear named any of {targets} in {type(model).__name__}")
+    for path in paths:
+        _swap(model, path, LoRALinear(_node(model, path), rank, alpha, rngs=rngs))
+    return ["/".join(map(str, p)) for p in paths]
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Fold every adapter into its kernel (W + alpha/r * A B) and restore a plain `nnx.Linear`, in place.
+
+    After this the model's state has exactly the paths it had before `apply_lora` (ready for `save_hf`).
+    Returns the number of merged layers.
+    """
+    paths = [path for path, node in nnx.iter_graph(model) if isinstance(node, LoRALinear)]
+    for path in paths:
+        lora_linear = _node(model, path)
+        kernel = lora_linear.kernel
+        kernel[...] = (kernel[...].astype(jnp.float32) + lora_linear.lora.delta()).astype(kernel[...].dtype)
+        plain = nnx.eval_shape(lambda: nnx.Linear(1, 1, rngs=nnx.Rngs(0)))  # shell; fields replaced below
+        _copy_linear_fields(plain, lora_linear)
+        _swap(model, path, plain)
+    return len(paths)
