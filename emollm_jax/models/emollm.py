@@ -14,7 +14,6 @@ That count is data, so under ``jax.jit`` it cannot be checked; with concrete (no
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -215,61 +214,3 @@ class EmoLLM(nnx.Module):
             return_hidden=return_hidden,
         )
 
-
-def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfig:
-    """EmoLLMConfig of an HF ``LlavaForConditionalGeneration`` config dict (mlp2x_gelu projector)."""
-    if hf.get("model_type", "llava") != "llava":
-        raise ValueError(f"config model_type={hf.get('model_type')!r}; expected 'llava'")
-    layer = hf.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise ValueError(f"config vision_feature_layer={layer!r}: only a single layer index is supported")
-    strategy = hf.get("vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise ValueError(f"config vision_feature_select_strategy={strategy!r}: expected 'default' or 'full'")
-    act = hf.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"config projector_hidden_act={act!r}: only 'gelu' (exact) is supported")
-    if not hf.get("multimodal_projector_bias", True):
-        raise ValueError("config multimodal_projector_bias=False is not supported")
-    text = dict(hf["text_config"])
-    text.setdefault("model_type", "llama")
-    kwargs = dict(
-        vision=VisionConfig.from_hf(hf["vision_config"]),
-        projector=ProjectorConfig(kind="mlp2x_gelu"),
-        text=LlamaConfig.from_hf(text),
-        image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
-        vision_feature_layer=int(layer),
-        vision_feature_select="patch" if strategy == "default" else "full",
-    )
-    kwargs.update(overrides)
-    return EmoLLMConfig(**kwargs)
-
-
-def config_to_llava_hf(cfg: EmoLLMConfig) -> dict[str, Any]:
-    """The HF Llava config dict of an EmoLLM with the mlp2x_gelu projector (single image per sample)."""
-    if cfg.projector.kind != "mlp2x_gelu":
-        raise ValueError(
-            f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart (mlp2x_gelu only)"
-        )
-    if cfg.image_token_id >= cfg.text.vocab_size:
-        raise ValueError(
-            f"image_token_id={cfg.image_token_id} must lie inside the vocab ({cfg.text.vocab_size})"
-        )
-    text = cfg.text.to_hf()
-    text.pop("architectures", None)
-    vision = cfg.vision.to_hf()
-    vision.pop("architectures", None)
-    return dict(
-        architectures=["LlavaForConditionalGeneration"],
-        model_type="llava",
-        text_config=text,
-        vision_config=vision,
-        image_token_index=cfg.image_token_id,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy="default" if cfg.vision_feature_select == "patch" else "full",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        image_seq_length=cfg.tokens_per_frame,
-        tie_word_embeddings=cfg.text.tie_word_embeddings,
-        dtype=cfg.text.param_dtype,
-    )

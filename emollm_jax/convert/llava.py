@@ -1,0 +1,322 @@
+"""HF Llava (``LlavaForConditionalGeneration``) and original LLaVA checkpoints <-> `EmoLLM` (mlp2x_gelu).
+
+An EmoLLM with the ``mlp2x_gelu`` projector is LLaVA-1.5; its three parts map as three tables nested under
+layout prefixes detected from the file's key names:
+
+| part      | ours          | transformers 5 (`save_pretrained`) | llava-hf hub files (transformers 4.x)  |
+|-----------|---------------|------------------------------------|----------------------------------------|
+| decoder   | ``llm.``      | ``language_model.model.*``, ``language_model.lm_head.weight`` (both layouts)  |
+| tower     | ``vision.``   | ``vision_tower.*``                 | ``vision_tower.vision_model.*``        |
+| projector | ``projector.``| ``multi_modal_projector.linear_{1,2}.{weight,bias}`` (both layouts)          |
+
+The decoder rows are `convert.llama`'s table, the tower rows `convert.clip`'s. Also read: the in-memory
+naming some 4.5x versions wrote (``model.language_model.*`` + ``lm_head.weight``, ``model.vision_tower.*``,
+``model.multi_modal_projector.*``). `save_hf` writes the transformers-5 layout.
+
+Original LLaVA (haotian-liu/LLaVA: ``LlavaLlamaForCausalLM``) keeps a LLaMA checkpoint plus
+``model.mm_projector.{0,2}.*`` (``model.mm_projector.*`` for the linear projector) and names its CLIP tower
+in ``mm_vision_tower`` (a hub id); pass that tower's local directory to `load_llava_original`. Its prompts
+mark images with the placeholder id -200 (LLaVA's IMAGE_TOKEN_INDEX), the default ``image_token_id`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from emollm_jax.convert.clip import CLIP_VISION, clip_key_map
+from emollm_jax.convert.core import (
+    NONE,
+    TRANSPOSE,
+    Family,
+    KeyMap,
+    Rule,
+    abstract_model,
+    fill_model,
+    find_prefix,
+    read_hf_config,
+    register_family,
+)
+from emollm_jax.convert.llama import llama_key_map
+from emollm_jax.convert.safetensors_io import CheckpointError, open_checkpoint
+from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+from emollm_jax.models.llama import LlamaConfig
+from emollm_jax.models.projectors import ProjectorConfig
+from emollm_jax.models.vit import VisionConfig
+
+LLAVA_IMAGE_TOKEN_INDEX = -200  # original LLaVA's placeholder id for an image in input_ids
+
+_MLP_ROWS = [
+    # HF key (after the projector prefix)   our state path                  hook
+    ("linear_1.weight",                     "projector.linear_1.kernel",    TRANSPOSE),
+    ("linear_1.bias",                       "projector.linear_1.bias",      NONE),
+    ("linear_2.weight",                     "projector.linear_2.kernel",    TRANSPOSE),
+    ("linear_2.bias",                       "projector.linear_2.bias",      NONE),
+]  # fmt: skip
+_ORIGINAL_ROWS = {  # after "model.mm_projector."; nn.Sequential index 1 is the GELU
+    "mlp2x_gelu": [("0.weight", "projector.linear_1.kernel", TRANSPOSE),
+                   ("0.bias",   "projector.linear_1.bias",   NONE),
+                   ("2.weight", "projector.linear_2.kernel", TRANSPOSE),
+                   ("2.bias",   "projector.linear_2.bias",   NONE)],
+    "linear":     [("weight",   "projector.linear.kernel",   TRANSPOSE),
+                   ("bias",     "projector.linear.bias",     NONE)],
+}  # fmt: skip
+# (decoder body prefix, lm_head key) pairs; the body prefix replaces the LLaMA table's leading "model.".
+_LM_LAYOUTS = (
+    ("language_model.model.", "language_model.lm_head.weight"),
+    ("model.language_model.", "lm_head.weight"),
+)
+_VISION_PREFIXES = ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.",
+                    "model.vision_tower.vision_model.")  # fmt: skip
+_PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+_SHARED = ("dtype", "param_dtype", "remat")  # overrides that apply to both the tower and the decoder
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+    """(vision, text, EmoLLMConfig) overrides: dtype/param_dtype/remat go to both towers."""
+    fields = {f.name for f in dataclasses.fields(EmoLLMConfig)}
+    vision, text, top = {}, {}, {}
+    for k, v in overrides.items():
+        if k in _SHARED:
+            if v is not None:
+                vision[k] = text[k] = v
+        elif k in fields:
+            top[k] = v
+        elif k == "image_size":
+            vision[k] = v
+        else:
+            raise TypeError(f"unknown EmoLLM config override {k!r}; known: {sorted(fields | set(_SHARED))}")
+    return vision, text, top
+
+
+def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfig:
+    """EmoLLMConfig of an HF ``LlavaForConditionalGeneration`` config dict (mlp2x_gelu projector).
+
+    overrides: EmoLLMConfig fields, plus dtype / param_dtype / remat (both towers) and image_size (tower).
+    """
+    if hf.get("model_type", "llava") != "llava":
+        raise CheckpointError(f"config.json model_type={hf.get('model_type')!r}; expected 'llava'")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(
+            f"config.json vision_feature_layer={layer!r}: only one layer index is supported"
+        )
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise CheckpointError(
+            f"config.json vision_feature_select_strategy={strategy!r}: expected default|full"
+        )
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"config.json projector_hidden_act={hf['projector_hidden_act']!r}: only 'gelu'")
+    if not hf.get("multimodal_projector_bias", True):
+        raise CheckpointError("config.json multimodal_projector_bias=false is not supported")
+    vision_o, text_o, top = _split_overrides(overrides)
+    text = {"model_type": "llama", **hf["text_config"]}
+    kwargs: dict[str, Any] = dict(
+        vision=VisionConfig.from_hf(hf["vision_config"], **vision_o),
+        projector=ProjectorConfig(kind="mlp2x_gelu"),
+        text=LlamaConfig.from_hf(text, **text_o),
+        image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
+        vision_feature_layer=layer,
+        vision_feature_select="patch" if strategy == "default" else "full",
+    )
+    kwargs.update(top)
+    return EmoLLMConfig(**kwargs)
+
+
+def config_to_llava_hf(cfg: EmoLLMConfig) -> dict[str, Any]:
+    """The HF Llava config.json dict of an EmoLLM with the mlp2x_gelu projector."""
+    if cfg.projector.kind != "mlp2x_gelu":
+        raise ValueError(
+            f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart (mlp2x_gelu only)"
+        )
+    if not 0 <= cfg.image_token_id < cfg.text.vocab_size:
+        raise ValueError(f"image_token_id={cfg.image_token_id} must lie inside the vocab for HF Llava "
+                         f"(vocab_size {cfg.text.vocab_size})")  # fmt: skip
+    text, vision = cfg.text.to_hf(), cfg.vision.to_hf()
+    text.pop("architectures", None)
+    vision.pop("architectures", None)
+    return dict(
+        architectures=["LlavaForConditionalGeneration"],
+        model_type="llava",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=cfg.image_token_id,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default" if cfg.vision_feature_select == "patch" else "full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        image_seq_length=cfg.tokens_per_frame,
+        tie_word_embeddings=cfg.text.tie_word_embeddings,
+        dtype=cfg.text.param_dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- key maps
+def _decoder_map(text: LlamaConfig, body: str, head: str) -> KeyMap:
+    """`convert.llama`'s table with its leading ``model.`` replaced by ``body`` and ``lm_head.weight`` by
+    ``head``; our paths under ``llm.``."""
+
+    def hf(key: str) -> str:
+        return head if key == "lm_head.weight" else body + key.removeprefix("model.")
+
+    def pattern(p: str) -> str:
+        if p == r"lm_head\.weight":
+            return re.escape(head)
+        return re.escape(body) + p.removeprefix(r"model\.")
+
+    base = llama_key_map(text)
+    return KeyMap(
+        tuple(Rule(hf(r.hf), "llm." + r.ours, r.hook) for r in base.rules), tuple(map(pattern, base.ignore))
+    )
+
+
+def _detect(keys: set[str], probe: str, prefixes: tuple[str, ...], what: str) -> str:
+    prefix = find_prefix(keys, probe, prefixes)
+    if prefix is None:
+        raise CheckpointError(
+            f"no Llava {what} found: none of {[p + probe for p in prefixes]} in the checkpoint"
+        )
+    return prefix
+
+
+def llava_key_map(
+    config: EmoLLMConfig, hf: Mapping[str, Any] | None = None, keys: set[str] | None = None
+) -> KeyMap:
+    """The table for this checkpoint's layout (detected from ``keys``); transformers-5 layout without keys."""
+    if keys is None:
+        body, head = _LM_LAYOUTS[0]
+        vision, proj = _VISION_PREFIXES[0], _PROJECTOR_PREFIXES[0]
+    else:
+        body = _detect(keys, "embed_tokens.weight", tuple(b for b, _ in _LM_LAYOUTS), "decoder")
+        head = dict(_LM_LAYOUTS)[body]
+        vision = _detect(keys, "embeddings.patch_embedding.weight", _VISION_PREFIXES, "vision tower")
+        proj = _detect(keys, "linear_1.weight", _PROJECTOR_PREFIXES, "projector")
+    return (
+        _decoder_map(config.text, body, head)
+        + clip_key_map().with_prefix(vision, "vision.")
+        + KeyMap.table(_MLP_ROWS).with_prefix(proj)
+    )
+
+
+def _matches(hf: Mapping[str, Any], keys: set[str]) -> bool:
+    return (
+        hf.get("model_type") == "llava"
+        and find_prefix(keys, "linear_1.weight", _PROJECTOR_PREFIXES) is not None
+    )
+
+
+def _build(config: EmoLLMConfig, rngs: nnx.Rngs) -> EmoLLM:
+    return EmoLLM(config, rngs=rngs)
+
+
+LLAVA = register_family(
+    Family(
+        name="llava",
+        matches=_matches,
+        config_from_hf=config_from_llava_hf,
+        build=_build,
+        key_map=llava_key_map,
+        to_hf_config=lambda model: config_to_llava_hf(model.config),
+        export_map=lambda model: llava_key_map(model.config),
+        model_type=EmoLLM,
+        is_lm=True,
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------- original LLaVA
+def _is_original(hf: Mapping[str, Any], keys: set[str]) -> bool:
+    return any(k.startswith("model.mm_projector.") for k in keys)
+
+
+def _needs_clip_dir(hf: Mapping[str, Any], **_: Any) -> Any:
+    raise CheckpointError(
+        f"original LLaVA checkpoint (mm_vision_tower={hf.get('mm_vision_tower')!r}): its CLIP tower lives in "
+        "another directory; load it with emollm_jax.convert.llava.load_llava_original(path, clip_dir)"
+    )
+
+
+# Registered so `load_hf` on such a directory says what to do instead of "no converter".
+register_family(
+    Family(name="llava_original", matches=_is_original, config_from_hf=_needs_clip_dir, build=_build,
+           key_map=lambda *a: KeyMap(()))
+)  # fmt: skip
+
+_ORIGINAL_TEXT_TYPES = {
+    "llava": "llama",
+    "llava_llama": "llama",
+    "llava_mistral": "mistral",
+    "llava_qwen": "qwen2",
+}
+
+
+def config_from_llava_original(
+    hf: Mapping[str, Any],
+    clip_hf: Mapping[str, Any],
+    *,
+    image_token_id: int = LLAVA_IMAGE_TOKEN_INDEX,
+    **overrides,
+) -> EmoLLMConfig:
+    """EmoLLMConfig from an original LLaVA config.json (LLaMA fields + ``mm_*``) and its CLIP config.json."""
+    kind = hf.get("mm_projector_type", "linear")
+    if kind not in _ORIGINAL_ROWS:
+        raise CheckpointError(f"config.json mm_projector_type={kind!r}: supported {sorted(_ORIGINAL_ROWS)}")
+    select = hf.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise CheckpointError(f"config.json mm_vision_select_feature={select!r}: expected patch or cls_patch")
+    model_type = hf.get("model_type", "llava_llama")
+    if model_type not in _ORIGINAL_TEXT_TYPES:
+        raise CheckpointError(
+            f"config.json model_type={model_type!r}: expected one of {sorted(_ORIGINAL_TEXT_TYPES)}"
+        )
+    vision_o, text_o, top = _split_overrides(overrides)
+    vision = VisionConfig.from_hf(clip_hf, **vision_o)
+    if hf.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise CheckpointError(f"config.json mm_hidden_size={hf['mm_hidden_size']} but the CLIP tower's "
+                              f"hidden_size is {vision.hidden_size}: wrong clip_dir?")  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        vision=vision,
+        projector=ProjectorConfig(kind=kind),
+        text=LlamaConfig.from_hf({**hf, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}, **text_o),
+        image_token_id=image_token_id,
+        vision_feature_layer=int(hf.get("mm_vision_select_layer", -2)),
+        vision_feature_select="patch" if select == "patch" else "full",
+    )
+    kwargs.update(top)
+    return EmoLLMConfig(**kwargs)
+
+
+def load_llava_original(
+    path: str | Path,
+    clip_dir: str | Path,
+    dtype: str | None = None,
+    *,
+    shardings: Any = None,
+    image_token_id: int = LLAVA_IMAGE_TOKEN_INDEX,
+    **overrides: Any,
+) -> EmoLLM:
+    """An original-LLaVA directory (decoder + ``model.mm_projector``) plus a local CLIP directory -> EmoLLM.
+
+    Both sources are streamed into one abstract model with strict accounting: every key of either directory
+    is used (or deliberately ignored) and every parameter is filled.
+    """
+    path, clip_dir = Path(path), Path(clip_dir)
+    hf, clip_hf = read_hf_config(path), read_hf_config(clip_dir)
+    if dtype is not None:
+        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+    config = config_from_llava_original(hf, clip_hf, image_token_id=image_token_id, **overrides)
+    source, clip_source = open_checkpoint(path), open_checkpoint(clip_dir)
+    lm_map = llama_key_map(config.text).with_prefix("", "llm.") + KeyMap.table(
+        _ORIGINAL_ROWS[config.projector.kind]
+    ).with_prefix("model.mm_projector.")
+    model = fill_model(abstract_model(LLAVA, config), source, lm_map, dtype=dtype, shardings=shardings,
+                       where=str(path), partial=True)  # fmt: skip
+    clip_map = CLIP_VISION.key_map(config.vision, clip_hf, set(clip_source.keys())).with_prefix("", "vision.")
+    return fill_model(model, clip_source, clip_map, dtype=dtype, shardings=shardings, where=str(clip_dir))
