@@ -235,6 +235,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def local_batch_slice(mesh: Mesh, global_rows: int) -> slice:
+    """Rows of a `global_rows` batch that this process's devices hold under `data_sharding` (contiguous).
+
+    A data loader that wants the multi-process batch to equal the single-process one loads exactly these rows.
+    """
+    index_map = data_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    starts = sorted({idx[0].indices(global_rows)[0] for idx in index_map.values()})
+    stops = sorted({idx[0].indices(global_rows)[1] for idx in index_map.values()})
+    if any(b != a for a, b in zip(stops[:-1], starts[1:], strict=True)):
+        raise ValueError(f"this process's batch rows are not contiguous under mesh {dict(mesh.shape)}")
+    return slice(starts[0], stops[-1])
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays from this process's rows: `int32[B_local, ...]` per process -> `[B_local * P, ...]`.
 
