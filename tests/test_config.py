@@ -1,0 +1,143 @@
+"""configs/emobench.py: variants build, and validate_config refuses each kind of nonsense naming the key."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "configs" / "emobench.py"
+_spec = importlib.util.spec_from_file_location("emobench_config", _PATH)
+emobench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emobench)
+
+
+def _vicuna_ready():
+    c = emobench.get_config("vicuna7b")
+    c.data.root = "/data/emobench"
+    c.init.llm, c.init.vision = "/w/vicuna", "/w/clip"
+    return c
+
+
+@pytest.mark.parametrize("variant", ["tiny", "mid"])
+def test_variants_validate_on_1_and_8_devices(variant):
+    c = emobench.get_config(variant)
+    assert emobench.validate_config(c, 1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert emobench.validate_config(c, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_default_is_tiny_and_stages_follow_the_recipe():
+    c = emobench.get_config()
+    assert c.variant == "tiny"
+    assert list(c.stage_order) == ["objective", "emotional"]
+    assert tuple(c.stages.objective.trainable) == ("projector",)
+    assert set(c.stages.objective.tasks) == {"caption", "vqa"}
+    assert {"emo_c", "emo_o", "intent", "hate", "humor", "sarcasm"} <= set(c.stages.emotional.tasks)
+    v = _vicuna_ready()
+    assert emobench.validate_config(v, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert (v.stages.objective.lr, v.stages.objective.batch_size) == (1e-3, 256)
+    assert (v.stages.emotional.lr, v.stages.emotional.batch_size) == (2e-5, 128)
+    assert v.model.vision.image_size == 336 and v.model.vision.patch_size == 14
+    assert (v.model.vision.image_size // v.model.vision.patch_size) ** 2 == 576
+    assert v.data.max_len == 2048
+    assert v.model.text.dtype == "bfloat16" and v.model.text.param_dtype == "float32"
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        emobench.get_config("huge")
+
+
+def _refuse(config, key, devices=8):
+    with pytest.raises(ValueError, match=rf"config\.{key}"):
+        emobench.validate_config(config, devices)
+
+
+def test_mesh_not_dividing_devices():
+    c = emobench.get_config("tiny")
+    c.mesh.update(data=-1, fsdp=3)
+    _refuse(c, r"mesh\.data")
+    c.mesh.update(data=2, fsdp=2, tensor=1)
+    _refuse(c, "mesh")
+    c.mesh.update(data=-1, fsdp=-1)
+    _refuse(c, r"mesh\.fsdp")
+    c.mesh.update(data=0, fsdp=1)
+    _refuse(c, r"mesh\.data")
+
+
+def test_unknown_mesh_axis():
+    c = emobench.get_config("tiny")
+    c.mesh.pipeline = 2
+    _refuse(c, r"mesh\.pipeline")
+
+
+def test_batch_not_divisible_by_data_parallel():
+    c = emobench.get_config("tiny")
+    c.stages.emotional.batch_size = 12
+    _refuse(c, r"stages\.emotional\.batch_size")
+    emobench.validate_config(c, 4)  # 12 splits over 4
+
+
+def test_grad_accum_must_split_the_batch():
+    c = emobench.get_config("tiny")
+    c.stages.objective.grad_accum = 3
+    _refuse(c, r"stages\.objective\.grad_accum", devices=1)
+
+
+def test_unknown_stage_group_and_task_and_stage():
+    c = emobench.get_config("tiny")
+    c.stages.objective.trainable = ("projector", "decoder")
+    _refuse(c, r"stages\.objective\.trainable")
+    c = emobench.get_config("tiny")
+    c.stages.emotional.tasks = ("emo_c", "poetry")
+    _refuse(c, r"stages\.emotional\.tasks")
+    c = emobench.get_config("tiny")
+    c.stage_order = ("objective", "finetune")
+    _refuse(c, "stage_order")
+    c = emobench.get_config("tiny")
+    c.stages.objective.trainable = ("lora",)
+    _refuse(c, r"stages\.objective\.trainable")  # lora without a rank
+
+
+def test_unknown_template_projector_schedule_dtype():
+    for key, value, where in [
+        ("data.template", "alpaca", r"data\.template"),
+        ("model.projector.kind", "qformer", r"model\.projector\.kind"),
+        ("model.text.dtype", "int8", r"model\.text\.dtype"),
+        ("stages.emotional.schedule", "linear", r"stages\.emotional\.schedule"),
+        ("model.video_pooling", "max", r"model\.video_pooling"),
+    ]:
+        c = emobench.get_config("tiny")
+        section, _, leaf = key.rpartition(".")
+        node = c
+        for part in section.split("."):
+            node = node[part]
+        node[leaf] = value
+        _refuse(c, where)
+
+
+def test_shape_consistency():
+    c = emobench.get_config("tiny")
+    c.model.text.num_kv_heads = 3
+    _refuse(c, r"model\.text\.num_kv_heads")
+    c = emobench.get_config("tiny")
+    c.model.vision.image_size = 70
+    _refuse(c, r"model\.vision\.image_size")
+    c = emobench.get_config("tiny")
+    c.model.projector.levels = (-1, -9)
+    _refuse(c, r"model\.projector\.levels")
+    c = emobench.get_config("tiny")
+    c.stages.objective.update(steps=0, epochs=0.0)
+    _refuse(c, r"stages\.objective\.steps")
+
+
+def test_vicuna7b_requires_paths():
+    c = emobench.get_config("vicuna7b")
+    _refuse(c, r"data\.root")
+    c.data.root = "/data/emobench"
+    _refuse(c, r"data\.tokenizer")
+    c.data.tokenizer = "/w/vicuna"
+    _refuse(c, r"init\.llm")
+    c.init.llm = "/w/vicuna"
+    _refuse(c, r"init\.llm")  # the vision tower is still missing
+    c.init.vision = "/w/clip"
+    emobench.validate_config(c, 8)
