@@ -32,22 +32,27 @@ def _pure(params: Any) -> Any:
 
 
 def _target(abstract: Any, shardings: Any | None) -> Any:
-    """Restore target: ShapeDtypeStructs with shardings (pure-dict form for nnx.State)."""
-    if shardings is not None:
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), abstract, shardings
-        )
-    missing = [
-        jax.tree_util.keystr(p)
-        for p, a in jax.tree_util.tree_leaves_with_path(abstract)
-        if getattr(a, "sharding", None) is None
-    ]
+    """Restore target: ShapeDtypeStructs with shardings (pure-dict form for nnx.State).
+
+    Without `shardings`, each leaf's own sharding is used (a concrete array's placement, or a
+    ShapeDtypeStruct that carries one).
+    """
+    missing = []
+
+    def one(path, a, s=None):
+        s = s if s is not None else getattr(a, "sharding", None)
+        if s is None:
+            missing.append(jax.tree_util.keystr(path))
+        return jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s)
+
+    trees = (abstract,) if shardings is None else (abstract, shardings)
+    target = jax.tree_util.tree_map_with_path(one, *trees)
     if missing:
         raise ValueError(
             f"restore target has no sharding for {missing[:3]} ({len(missing)} leaves); pass "
             "shardings or ShapeDtypeStructs that carry one"
         )
-    return _pure(abstract)
+    return _pure(target)
 
 
 def _rebuild(abstract: Any, restored: Any) -> Any:
@@ -196,9 +201,9 @@ class Checkpointer:
         params = _rebuild(abstract_params, out["params"])
         return params, out["opt_state"], dict(out["meta"]), dict(out["data"]) if has_data else None
 
-    def restore_params(
-        self, path_or_dir: str | Path, abstract_params: Any, shardings: Any | None = None
-    ) -> Any:
+    @staticmethod
+    def restore_params(path_or_dir: str | Path, abstract_params: Any, shardings: Any | None = None) -> Any:
+        """See the module-level `restore_params` (usable without opening a Checkpointer)."""
         return restore_params(path_or_dir, abstract_params, shardings)
 
     def wait(self) -> None:

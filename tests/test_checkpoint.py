@@ -190,6 +190,14 @@ def test_params_only_checkpoint(tmp_path):
     with ckpt.Checkpointer(tmp_path / "run") as c:
         c.save(3, params=params, opt_state=opt_state, meta={})
     _assert_trees_equal(ckpt.restore_params(tmp_path / "run", pure), params)
+    # Concrete params as the target (their own placement), called on the class as the loaders do.
+    concrete = jax.device_put(_init()[0], psh)
+    again = ckpt.Checkpointer.restore_params(tmp_path / "run" / "3", concrete, None)
+    _assert_trees_equal(again, params)
+    _assert_placed(again, psh)
+    # The conversion CLI's layout: <dir>/params next to hf_config.json / convert.json.
+    ckpt.save_params(tmp_path / "cli" / "params", params)
+    _assert_trees_equal(ckpt.restore_params(tmp_path / "cli", abstract, psh), params)
     # A model that does not match the file fails naming the keys.
     other = nnx.state(
         nnx.eval_shape(
