@@ -18,8 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from emollm_jax.models.emollm import EmoLLM, check_media_tokens
 from emollm_jax.models.llama import init_cache
 
 
@@ -111,8 +113,11 @@ def generate(
     seed: int = 0,
 ) -> jax.Array:
     """Generates up to ``max_new_tokens`` after left-padded prompts; returns int32[B, max_new_tokens]
-    (``pad_id`` after each row's EOS). Greedy at temperature 0, else nucleus sampling seeded by ``seed``."""
-    eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
+    (``pad_id`` after each row's EOS). Greedy at temperature 0, else nucleus sampling seeded by ``seed``.
+
+    For an EmoLLM with media, each row's image-token count is checked against its media on the host first
+    (a ValueError names the row)."""
+    eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_id)))
     graphdef, state = nnx.split(model)
     fn = make_generate_fn(
         graphdef,
@@ -129,4 +134,9 @@ def generate(
             k = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
             frame_media = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (pixel_values.shape[0], k))
         frame_media = jnp.asarray(frame_media, jnp.int32)
+        if isinstance(model, EmoLLM) and all(
+            getattr(x, "is_fully_addressable", True) for x in (*args, frame_media)
+        ):
+            # Inside the jitted prefill the image-token count can't be checked; here it still can.
+            check_media_tokens(model.config, np.asarray(args[0]), np.asarray(frame_media))
     return fn(state, *args, pixel_values, frame_media, jax.random.key(seed))

@@ -122,6 +122,10 @@ def test_emollm_with_image_equals_no_cache_loop():
     ids[1, 4:8] = V - 1
     pv = jax.random.normal(jax.random.key(0), (2, 1, 16, 16, 3))
     got = np.asarray(generate(model, ids, mask, pixel_values=pv, max_new_tokens=N_NEW, eos_id=-1, pad_id=PAD))
+    with pytest.raises(ValueError, match="sample 1: 3 image tokens"):
+        bad = ids.copy()
+        bad[1, 4] = 7
+        generate(model, bad, mask, pixel_values=pv, max_new_tokens=N_NEW, eos_id=-1, pad_id=PAD)
     graphdef, state = nnx.split(model)
     for b in range(2):
         real = ids[b : b + 1, mask[b] > 0]
