@@ -36,7 +36,8 @@ def test_notebook_runs_on_tiny(tmp_path):
         'VARIANT = "tiny"', f'WORKDIR = "{tmp_path / "work"}"', 'DATA_ROOT = ""', 'INIT_FROM = ""',
         "MINI_SCALE = 0.02", "TRAIN_STEPS = (1, 2)", "EMOPROMPT_M = 1", "MAX_EXAMPLES = 0",
         "USE_DRIVE = False", 'DRIVE_DIR = ""'])
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}})
     client.execute()
     work = tmp_path / "work"
     assert (work / "eval" / "results.json").exists() and (work / "eval" / "report.md").exists()
