@@ -25,13 +25,25 @@ def _emobench():
 
 
 def variants(grid: bool = False) -> dict[str, dict[str, object]]:
-    """variant name -> dotted config overrides."""
+    """variant name -> nested config overrides (ConfigDict keys cannot hold dots)."""
     out = {}
     for proj, kind in PROJECTORS.items():
         for m in EXEMPLAR_COUNTS:
             if grid or proj == "mvp" or m == 0:
-                out[f"{proj}_m{m}"] = {"model.projector.kind": kind, "emoprompt.num_exemplars": m}
+                out[f"{proj}_m{m}"] = {"model": {"projector": {"kind": kind}},
+                                       "emoprompt": {"num_exemplars": m}}
     return out
+
+
+def flatten(overrides, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, object] = {}
+    for key, value in dict(overrides).items():
+        if isinstance(value, dict | ml_collections.ConfigDict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

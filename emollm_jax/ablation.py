@@ -52,7 +52,8 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(config: Any, apply_overrides, workdir: str | Path, only: Sequence[str] | None = None) -> list[dict]:
+def run(config: Any, apply_overrides, flatten, workdir: str | Path,
+        only: Sequence[str] | None = None) -> list[dict]:
     """Trains and evaluates each variant; returns one row per variant (name, projector, M, results)."""
     from data_pipeline import mini_emobench
     from emollm_jax import emoprompt, eval_report, evaluate, experiment, train
@@ -75,7 +76,7 @@ def run(config: Any, apply_overrides, workdir: str | Path, only: Sequence[str] |
     bank = Path(config.emoprompt.bank) if config.emoprompt.bank else workdir / "emoprompt_bank.json"
     rows = []
     for name in names:
-        overrides = dict(config.ablation.variants[name])
+        overrides = flatten(config.ablation.variants[name])
         overrides.update({"data.root": setup.root, "data.tokenizer": setup.tokenizer_path})
         if int(overrides.get("emoprompt.num_exemplars", config.emoprompt.num_exemplars)) > 0:
             probe = apply_overrides(config, {**overrides})
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
     module, config = _load_config(args.config)
     only = [v for v in args.variants.split(",") if v] or None
-    run(config, module.apply_overrides, args.workdir, only)
+    run(config, module.apply_overrides, module.flatten, args.workdir, only)
     print((Path(args.workdir) / "ablation.md").read_text())
     return 0
 

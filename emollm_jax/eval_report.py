@@ -113,7 +113,7 @@ def plot_confusion(path: str | os.PathLike, matrix: np.ndarray, labels: Sequence
     # A bare Figure on the Agg canvas: no pyplot state, so a notebook's inline backend is left alone.
     matrix = np.asarray(matrix)
     cols = list(labels) + ["(none)"]
-    size = max(3.0, 0.55 * len(cols) + 1.5)
+    size = max(3.0, 0.55 * len(cols) + 1.5) + 0.07 * max(map(len, cols))  # room for long intent labels
     fig = Figure(figsize=(size + 1, size))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
