@@ -105,7 +105,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
 
             log.info("training the tiny word-level tokenizer into %s", tok_path)
             train_tiny_tokenizer(_record_texts(root, config.data.train_split), tok_path)
-    if jax.process_count() > 1 and (must_generate or must_tokenize):
+    if jax.process_count() > 1:  # always: the others' view of must_* may already see process 0's files
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("emollm_jax.prepare_data")
