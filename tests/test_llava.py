@@ -175,3 +175,15 @@ def test_export_round_trip(hf_llava, ours, tmp_path):
     np.testing.assert_allclose(
         _hf_logits(back, ids, nchw, attention_mask=torch.tensor(mask)), want, atol=1e-5
     )
+
+
+def test_original_llava_layout_through_the_cli(hf_llava, tmp_path):
+    from emollm_jax.convert.__main__ import main as convert_main
+    from emollm_jax.convert.orbax_params import load_params
+
+    lm, clip = tmp_path / "llava_orig", tmp_path / "clip"
+    _write_original(hf_llava[0], lm, clip)
+    assert convert_main(["--hf_dir", str(lm), "--clip_dir", str(clip), "--out", str(tmp_path / "ckpt")]) == 0
+    restored = load_params(tmp_path / "ckpt")
+    direct = load_llava_original(lm, clip)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(restored, nnx.Param), nnx.state(direct, nnx.Param))

@@ -43,15 +43,11 @@ CLI: `python -m emollm_jax.convert --hf_dir DIR --out DIR [--dtype bfloat16]` wr
 (see `__main__`); add `--to_hf` to write an HF directory instead.
 """
 
-import importlib.util
-
 from emollm_jax.convert import clip as _clip  # noqa: F401  (registers the CLIP vision family)
 from emollm_jax.convert import llama as _llama  # noqa: F401  (registers the LLaMA family)
+from emollm_jax.convert import llava as _llava  # noqa: F401  (registers the Llava / EmoLLM family)
 from emollm_jax.convert.core import Family, KeyMap, load_hf, register_family
 from emollm_jax.convert.export import save_hf
 from emollm_jax.convert.safetensors_io import CheckpointError, open_checkpoint
-
-if importlib.util.find_spec("emollm_jax.convert.llava") is not None:  # the multimodal family, when present
-    importlib.import_module("emollm_jax.convert.llava")
 
 __all__ = ["CheckpointError", "Family", "KeyMap", "load_hf", "open_checkpoint", "register_family", "save_hf"]

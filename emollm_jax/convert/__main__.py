@@ -3,6 +3,7 @@
 Without --to_hf: HF directory -> params-only orbax checkpoint (layout in `orbax_params`).
 With --to_hf: HF directory -> HF directory in the transformers-5 layout (re-keys older layouts, casts dtype,
 re-shards files); with --ckpt DIR instead of --hf_dir, a checkpoint written by this tool -> HF directory.
+An original-LLaVA directory (decoder + `model.mm_projector.*`) needs its CLIP tower too: `--clip_dir DIR`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from emollm_jax.convert import load_hf, save_hf
 from emollm_jax.convert.core import detect_family, read_hf_config
 from emollm_jax.convert.export import family_of
+from emollm_jax.convert.llava import config_to_llava_hf, load_llava_original
 from emollm_jax.convert.orbax_params import load_params, save_params
 from emollm_jax.convert.safetensors_io import open_checkpoint
 
@@ -26,22 +28,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32)")
     p.add_argument("--to_hf", action="store_true", help="write an HF directory, not orbax")
     p.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size for --to_hf")
+    p.add_argument("--clip_dir", help="local CLIP directory, for an original-LLaVA --hf_dir")
     p.add_argument("--allow_pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")
     args = p.parse_args(argv)
 
     if args.ckpt and not args.to_hf:
         p.error("--ckpt needs --to_hf")
+    if args.clip_dir and not args.hf_dir:
+        p.error("--clip_dir goes with --hf_dir")
     if args.ckpt:
         model = load_params(args.ckpt)
+    elif args.clip_dir:
+        model = load_llava_original(args.hf_dir, args.clip_dir, args.dtype)
     else:
         model = load_hf(args.hf_dir, args.dtype, allow_pickle=args.allow_pickle)
     if args.to_hf:
         save_hf(model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
     else:
-        hf_config = read_hf_config(args.hf_dir)
-        keys = set(open_checkpoint(args.hf_dir, allow_pickle=args.allow_pickle).keys())
-        family = detect_family(hf_config, keys, args.hf_dir).name
-        assert family == family_of(model).name
+        family = family_of(model).name
+        if args.clip_dir:  # two source dirs: keep the merged config in the Llava form `load_params` reads
+            hf_config = config_to_llava_hf(model.config, image_token_in_vocab=False)
+        else:
+            hf_config = read_hf_config(args.hf_dir)
+            keys = set(open_checkpoint(args.hf_dir, allow_pickle=args.allow_pickle).keys())
+            assert detect_family(hf_config, keys, args.hf_dir).name == family
         save_params(model, args.out, family=family, hf_config=hf_config, dtype=args.dtype, source=args.hf_dir)
     print(f"wrote {args.out}")
     return 0

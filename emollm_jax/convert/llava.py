@@ -130,13 +130,17 @@ def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfi
     return EmoLLMConfig(**kwargs)
 
 
-def config_to_llava_hf(cfg: EmoLLMConfig) -> dict[str, Any]:
-    """The HF Llava config.json dict of an EmoLLM with the mlp2x_gelu projector."""
+def config_to_llava_hf(cfg: EmoLLMConfig, *, image_token_in_vocab: bool = True) -> dict[str, Any]:
+    """The HF Llava config.json dict of an EmoLLM with the mlp2x_gelu projector.
+
+    image_token_in_vocab=False keeps an out-of-vocab placeholder (original LLaVA's -200): fine for our own
+    params checkpoints, which `config_from_llava_hf` reads back, but not loadable by transformers.
+    """
     if cfg.projector.kind != "mlp2x_gelu":
         raise ValueError(
             f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart (mlp2x_gelu only)"
         )
-    if not 0 <= cfg.image_token_id < cfg.text.vocab_size:
+    if image_token_in_vocab and not 0 <= cfg.image_token_id < cfg.text.vocab_size:
         raise ValueError(f"image_token_id={cfg.image_token_id} must lie inside the vocab for HF Llava "
                          f"(vocab_size {cfg.text.vocab_size})")  # fmt: skip
     text, vision = cfg.text.to_hf(), cfg.vision.to_hf()
