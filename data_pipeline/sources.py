@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import glob
+import io
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from data_pipeline.records import RecordError, iter_records, validate_record
 
@@ -140,16 +142,26 @@ class JsonRecordSource(_ValidatingSource):
     """Records of a `.jsonl` file (random access by byte offset of each non-empty line) or a `.json` list.
 
     JSONL lines are parsed on access, so a malformed line is an `Example` with a "json" error, not a crash.
-    The offsets index is built once (one pass over the file); file handles are opened per process, so the
-    source pickles into Grain workers.
+    The file is opened once, at construction, and the line index is built from that same open file; reads
+    are `os.pread`s on it (no shared position, so Grain's reader threads can share it). The offsets therefore
+    always describe the bytes being read, even when the path is later replaced (a rewritten stage mixture,
+    another run regenerating the data): re-resolving the path lazily, as an earlier version did, read a new
+    file at the old offsets ("malformed JSON" at some line). The descriptor is owned by a file object that
+    closes it exactly once. A pickled copy (Grain worker) reopens the path and refuses a file that changed
+    since it was indexed.
     """
 
     def __init__(self, path: str | os.PathLike, **kwargs: Any):
         super().__init__(**kwargs)
         self.path = os.fspath(path)
         self.name = self.path
+        self._file: io.BufferedReader | None = None
+        self._identity: tuple[int, ...] | None = None
+        self._open_lock = threading.Lock()
         if self.path.endswith(".jsonl"):
-            self._offsets, self._sizes, self._lines = _line_index(self.path)
+            self._file = open(self.path, "rb")  # noqa: SIM115 - held for random access; closed by close()
+            self._identity = _identity(self._file.fileno())
+            self._offsets, self._sizes, self._lines = _line_index(self._file)
             self._records = None
         elif self.path.endswith(".json"):
             errors: list[RecordError] = []
@@ -160,7 +172,6 @@ class JsonRecordSource(_ValidatingSource):
             self._lines = [line for line, _ in items]
         else:
             raise ValueError(f"{self.path}: expected a .json or .jsonl record file")
-        self._fd: int | None = None
         if self.validate == "upfront":
             self.valid_indices()
 
@@ -169,21 +180,42 @@ class JsonRecordSource(_ValidatingSource):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fd"] = None
+        state["_file"] = None
+        state["_open_lock"] = None
         return state
 
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Releases the file; a later read reopens it (and checks it is still the indexed file)."""
+        with self._open_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _fileno(self) -> int:
+        """The descriptor of the indexed file, reopened (once, under a lock) in a fresh process."""
+        file = self._file
+        if file is None:
+            with self._open_lock:
+                if self._file is None:
+                    reopened = open(self.path, "rb")  # noqa: SIM115 - held, see close()
+                    if _identity(reopened.fileno()) != self._identity:
+                        reopened.close()
+                        raise RuntimeError(
+                            f"{self.path}: the file changed after it was indexed (replaced or modified); "
+                            "build a new source")
+                    self._file = reopened
+                file = self._file
+        return file.fileno()
 
     def _read(self, index):
         line = self._lines[index]
         if self._records is not None:
             return self._records[index], self.path, line, []
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        # pread: no shared file position, so Grain's reader threads can share the descriptor
-        text = os.pread(self._fd, self._sizes[index], self._offsets[index])
+        text = os.pread(self._fileno(), self._sizes[index], self._offsets[index])
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -194,17 +226,23 @@ class JsonRecordSource(_ValidatingSource):
         return obj, self.path, line, []
 
 
-def _line_index(path: str) -> tuple[list[int], list[int], list[int]]:
-    """Byte offsets, byte sizes and 1-based line numbers of the non-empty lines of a text file."""
+def _identity(fd: int) -> tuple[int, ...]:
+    """(device, inode, size, mtime_ns) of an open file: what a reopened path must still match."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _line_index(file: BinaryIO) -> tuple[list[int], list[int], list[int]]:
+    """Byte offsets, byte sizes and 1-based line numbers of the non-empty lines of an open binary file."""
     offsets, sizes, lines = [], [], []
     pos = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                offsets.append(pos)
-                sizes.append(len(raw))
-                lines.append(lineno)
-            pos += len(raw)
+    file.seek(0)
+    for lineno, raw in enumerate(file, start=1):
+        if raw.strip():
+            offsets.append(pos)
+            sizes.append(len(raw))
+            lines.append(lineno)
+        pos += len(raw)
     return offsets, sizes, lines
 
 
