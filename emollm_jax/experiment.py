@@ -62,20 +62,28 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     )
 
 
-def _record_texts(root: str, split: str) -> list[str]:
-    """All conversation text of the `split` record files under `root`, for training the tiny tokenizer."""
+def _record_texts(root: str, split: str, template: str = "vicuna_v1") -> list[str]:
+    """All conversation text of the `split` record files under `root`, for the tiny tokenizer, plus what every
+    prompt adds around it: the chat template's system text and role words, and rendered EmoPrompt exemplars
+    ("Example:" / "Reasoning:" / "Answer:"). Without these they would all read as `<unk>`."""
     from data_pipeline.records import iter_records
+    from data_pipeline.text import get_template
+    from emollm_jax import emoprompt
 
     files = sorted(Path(root).glob(f"{split}*.json")) + sorted(Path(root).glob(f"{split}*.jsonl"))
     if not files:
         raise FileNotFoundError(f"{root}: no {split}*.json / {split}*.jsonl records to train a tokenizer on")
-    texts = []
+    texts, records = [], []
     for file in files:
         for _, rec in iter_records(file):
+            records.append(rec)
             texts.extend(turn["value"] for turn in rec["conversations"])
             texts.extend(rec.get("options") or [])
             if rec.get("rationale"):
                 texts.append(rec["rationale"])
+    texts.extend(emoprompt.render(items) for items in emoprompt.build_from_records(records, 1).values())
+    tmpl = get_template(template)
+    texts.extend(p.text for p in tmpl.render(tmpl.system, [("question", "answer")], False) if p.text)
     return texts
 
 
@@ -104,7 +112,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
             from data_pipeline.text import train_tiny_tokenizer
 
             log.info("training the tiny word-level tokenizer into %s", tok_path)
-            train_tiny_tokenizer(_record_texts(root, config.data.train_split), tok_path)
+            train_tiny_tokenizer(_record_texts(root, config.data.train_split, config.data.template), tok_path)
     if jax.process_count() > 1:  # always: the others' view of must_* may already see process 0's files
         from jax.experimental import multihost_utils
 
@@ -157,19 +165,17 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
                 loaded = loaded.vision
             new = nnx.state(loaded, nnx.Param)
         else:
-            from emollm_jax.checkpoint import Checkpointer
+            from emollm_jax.checkpoint import restore_params
 
-            abstract = nnx.state(target, nnx.Param)
-            new = Checkpointer.restore_params(path, abstract, None)
+            new = restore_params(path, nnx.state(target, nnx.Param), None)
         old = nnx.state(target, nnx.Param)
         _check_same_shapes(old, new, f"{'config.init.' + part if part else 'init_from'}={path}")
         nnx.update(target, new)
         log.info("loaded %s weights from %s", part or "model", path)
     if config.init.params:
-        from emollm_jax.checkpoint import Checkpointer
+        from emollm_jax.checkpoint import restore_params
 
-        abstract = nnx.state(model, nnx.Param)
-        new = Checkpointer.restore_params(config.init.params, abstract, None)
+        new = restore_params(config.init.params, nnx.state(model, nnx.Param), None)
         nnx.update(model, new)
         log.info("loaded params from %s", config.init.params)
 

@@ -69,10 +69,8 @@ class MetricsLogger:
         metrics file holds earlier, resumed-from records). Returns the files written."""
         if not self.enabled:
             return []
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         history: dict[str, list[tuple[int, float]]] = {}
         path = self.workdir / METRICS_FILE
@@ -84,14 +82,15 @@ class MetricsLogger:
             points = history.get(stage)
             if not points:
                 continue
-            fig, ax = plt.subplots(figsize=(6, 4))
+            fig = Figure(figsize=(6, 4))  # a bare Agg figure: pyplot's global backend is left alone
+            FigureCanvasAgg(fig)
+            ax = fig.subplots()
             ax.plot([p[0] for p in points], [p[1] for p in points])
             ax.set(xlabel="step", ylabel="loss (answer tokens)", title=f"stage {stage}", yscale="log")
             ax.grid(alpha=0.3)
             out = self.workdir / f"loss_{stage}.png"
             tmp = out.with_suffix(".tmp.png")
             fig.savefig(tmp, dpi=100, bbox_inches="tight")
-            plt.close(fig)
             tmp.replace(out)
             written.append(out)
         return written
