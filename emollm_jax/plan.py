@@ -1,25 +1,33 @@
 """`--mode=plan`: will a config's train step fit? AOT lower + compile on abstract inputs, no weights.
 
-Each stage's step is compiled for the config's mesh over N devices (fake CPU devices work: set
-`XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX starts, which main.py does). Parameter and
-optimizer bytes per device are exact (shapes x shardings). Activation / temporary bytes come from
-`compiled.memory_analysis()`. Compiling a 32-layer decoder on CPU is slow, so with `plan.shallow_layers=k`
-the step is compiled at k and 2k decoder layers and temporaries are extrapolated linearly per layer (the
-output says so). CPU compiles are a proxy for an accelerator's memory plan: fusion and layouts differ.
+Each stage's step is compiled for the config's mesh over N devices (fake CPU devices work: main.py sets
+`jax_num_cpu_devices` before JAX starts). Parameter, optimizer and batch bytes per device are exact (shapes x
+shardings). Activation / temporary bytes come from `compiled.memory_analysis()`, with one correction:
+
+XLA:CPU drops `jax.checkpoint`'s optimization barriers before CSE, so an unrolled remat'd layer stack is
+planned as if nothing were rematerialised (every layer's attention scores stay live). With `remat` on, the
+step is therefore compiled with one decoder layer (its whole working set: the layer's forward + backward, the
+head, the loss, the vision tower) and each further layer adds what remat really keeps on an accelerator: its
+input hidden state `[b, T, D]` plus its parameters' gradients (`decoder_layer_bytes`). Without remat, with
+`plan.shallow_layers=k`, the step is compiled at k and 2k layers and the difference extrapolated. CPU compiles
+remain a proxy for an accelerator's plan: fusion and layouts differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from emollm_jax import experiment, sharding, train
+from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
 GiB = float(1 << 30)
@@ -82,6 +90,26 @@ def _temp(compiled) -> float:
     return float(mem.temp_size_in_bytes) if mem is not None else float("nan")
 
 
+def decoder_layer_bytes(st: train.StageState, micro_batch: int, seq_len: int, mesh) -> tuple[float, float]:
+    """(stash, grads): bytes per device that one more remat'd decoder layer adds to the train step.
+
+    stash: the layer's input hidden state `dtype[b, T, D]` (b = this device's share of the micro-batch), all
+    that `nnx.remat` saves (the layer's other inputs, cos/sin/mask, are shared by all layers). grads: the
+    layer's trainable parameters' gradients, laid out like the parameters; they all live until the update.
+    """
+    text = st.model_cfg.text
+    per_device = micro_batch / math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    stash = per_device * seq_len * text.hidden_size * jnp.dtype(text.dtype).itemsize
+    layer = st.abstract_params["llm"]["model"]["layers"][0]
+    layer_sh = st.param_shardings["llm"]["model"]["layers"][0]
+    grads = 0.0
+    leaves = jax.tree_util.tree_leaves_with_path(layer)
+    for (path, a), s in zip(leaves, jax.tree.leaves(layer_sh), strict=True):
+        if param_group(("llm", "model", "layers", 0, *path)) in st.trainable:
+            grads += int(np.prod(s.shard_shape(tuple(a.shape)))) * jnp.dtype(a.dtype).itemsize
+    return float(stash), grads
+
+
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:
     """Memory plan of every stage for `config.mesh` over the first `num_devices` devices."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -91,9 +119,20 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> l
     base_cfg = experiment.model_config(config, vocab_size=vocab, image_token_id=image_id)
     depth = base_cfg.text.num_layers
     shallow = int(config.plan.shallow_layers)
+    seq = int(config.data.max_len)
     plans = []
     for index, name in enumerate(config.stage_order):
-        if 0 < shallow and 2 * shallow < depth:
+        stage = config.stages[name]
+        micro = stage.batch_size // stage.grad_accum
+        st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
+        if base_cfg.text.remat and depth > 1:
+            cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
+            compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
+            stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
+            temp = _temp(compiled) + (depth - 1) * (stash + grads)
+            note = (f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
+                    f"{grads / GiB:.3f} GiB)")
+        elif 0 < shallow and 2 * shallow < depth:
             temps, times = [], []
             for layers in (shallow, 2 * shallow):
                 text = dataclasses.replace(base_cfg.text, num_layers=layers)
@@ -106,12 +145,11 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> l
             compile_s = sum(times)
             note = (f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: "
                     f"{per_layer / GiB:.3f} GiB/layer")
-            st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
         else:
             compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
             temp, note = _temp(compiled), "full-depth compile"
-        stage = config.stages[name]
-        batch = abstract_batch(config, stage.batch_size // stage.grad_accum, mesh)
+        note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps); " + note
+        batch = abstract_batch(config, micro, mesh)
         p = _sharded_bytes(st.abstract_params, st.param_shardings)
         o = _sharded_bytes(st.abstract_opt, st.opt_shardings)
         b = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
