@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from emollm_jax import experiment, plan, sharding, train
 
@@ -66,6 +67,7 @@ def test_remat_layer_keeps_only_its_input_and_params():
     assert growth[False] > 10 * growth[True]
 
 
+@pytest.mark.slow  # three 8-device compiles of the train step
 def test_plan_remat_and_extrapolated(capsys):
     """Both branches run on 8 devices (fsdp 8); per-device parameter bytes are the model's bytes / 8 where
     dims divide; remat plans less activation memory than no remat for the same step."""
