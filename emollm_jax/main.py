@@ -109,8 +109,10 @@ def main(argv: list[str]) -> None:
 
         init_from = FLAGS.init_from if FLAGS.mode == "eval" else None
         results = run_eval(config, workdir, model=model, tokenizer=tokenizer, init_from=init_from)
-        if jax.process_index() == 0 and isinstance(results, dict) and "mean_accuracy" in results:
-            log.info("mean accuracy %.4f", results["mean_accuracy"])
+        if jax.process_index() == 0:
+            report = Path(workdir) / "eval" / "report.md"
+            print(report.read_text().split("\n## ", 1)[0], flush=True)  # the per-task table, not the listings
+            log.info("EmoBench mean accuracy %.4f (report: %s)", results["emobench_mean"], report)
     if FLAGS.mode == "predict":
         from emollm_jax.predict import run_predict
 
