@@ -150,7 +150,8 @@ class LlamaConfig:
 class KVCache(NamedTuple):
     """Preallocated per-layer keys/values; a pytree, so it passes through `jax.jit` (donate it when decoding).
 
-    k, v: float[L, B, S_max, KVH, Dh]; key_mask: int32[B, S_max] (1 = filled, real token);
+    k, v: float[L, B, KVH, S_max, Dh] (head-major: a decode step attends over a layer's cache without first
+    transposing it); key_mask: int32[B, S_max] (1 = filled, real token);
     index: int32[] number of slots written so far (shared by the batch: prompts are left padded).
     """
 
@@ -163,7 +164,7 @@ class KVCache(NamedTuple):
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.dim_per_head)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -234,17 +235,22 @@ def attention_bias(
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """Grouped-query attention. q: float[B, T, H, Dh]; k, v: float[B, S, KVH, Dh];
-    bias: float32[B, 1, 1, T, S].
+    bias: float32[B, 1, 1, T, S] (or anything broadcasting to float32[B, KVH, G, T, S]).
 
     Query heads are grouped under their kv head (h = kvh * G + g, as HF's repeat_kv): K/V are never repeated.
     Scores and softmax in float32. Returns float[B, T, H, Dh].
     """
+    return _attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), bias)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """`dot_product_attention` with head-major keys/values k, v: float[B, KVH, S, Dh] (the cache layout)."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -284,7 +290,7 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x, cos, sin, bias, kv=None):
         """x: float[B, T, D]. Without a cache attends over x itself. With kv = (k_all, v_all, layer,
-        index) (caches float[L, B, S_max, KVH, Dh]) writes this chunk's keys/values into slot `index` of
+        index) (caches float[L, B, KVH, S_max, Dh]) writes this chunk's keys/values into slot `index` of
         layer `layer` (in place under jit) and attends over that layer's whole cache.
         Returns (float[B, T, D], (k_all, v_all) or None)."""
         b, t, _ = x.shape
@@ -293,14 +299,15 @@ class LlamaAttention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
         v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KVH, T, Dh]
         if kv is not None:
             k_all, v_all, layer, index = kv
-            start = (layer, 0, index, 0, 0)
+            start = (layer, 0, 0, index, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
             kv = (k_all, v_all)
-        out = dot_product_attention(q, k, v, bias).reshape(b, t, -1)
+        out = _attend(q, k, v, bias).reshape(b, t, -1)
         return self.o_proj(out), kv
 
 
