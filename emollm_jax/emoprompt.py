@@ -259,17 +259,33 @@ def from_config(config: Any, data_root: str | os.PathLike,
     m = int(ep.num_exemplars)
     if m <= 0:
         return None
-    bank_path = Path(ep.bank) if ep.bank else Path(workdir) / "emoprompt_bank.json"
-    if not bank_path.exists():
-        if ep.bank:
+    if ep.bank:
+        bank_path = Path(ep.bank)
+        if not bank_path.exists():
             raise FileNotFoundError(f"config.emoprompt.bank={ep.bank}: no such file")
-        records = _read_records(Path(data_root) / f"{config.data.train_split}.jsonl")
-        bank = build_from_records(records, int(ep.get("per_task", 16)))
-        if not bank:
-            raise ValueError(f"config.emoprompt.num_exemplars={m} but no record of {data_root} has a "
-                             "rationale to build a bank from; set config.emoprompt.bank")
-        save_bank(bank, bank_path)
+    else:
+        bank_path = Path(workdir) / "emoprompt_bank.json"
+        _build_default_bank_once(config, Path(data_root), bank_path)
     return prefix_fn(load_bank(bank_path), m, ep.get("strategy", "fixed"))
+
+
+def _build_default_bank_once(config: Any, data_root: Path, bank_path: Path) -> None:
+    """Process 0 builds the bank from the training rationales if it is missing; in a multi-process run the
+    others wait at a barrier (every process calls this), so no process reads a half-written or absent file."""
+    import jax
+
+    if jax.process_index() == 0 and not bank_path.exists():
+        records = _read_records(data_root / f"{config.data.train_split}.jsonl")
+        bank = build_from_records(records, int(config.emoprompt.get("per_task", 16)))
+        if not bank:
+            raise ValueError(f"config.emoprompt.num_exemplars={config.emoprompt.num_exemplars}, but no "
+                             f"record of {data_root} has a rationale to build a bank from; "
+                             "set config.emoprompt.bank")
+        save_bank(bank, bank_path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("emollm_jax.emoprompt_bank")
 
 
 def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
