@@ -60,33 +60,75 @@ def token_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax
                         loss_mask: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy over supervised tokens: (loss float32[], supervised token count float32[]).
 
-    hidden: float[B, T, D] final-normed; targets int32[B, T]; loss_mask float32[B, T]. logsumexp in float32.
-    With `chunk` > 0 the logits are formed `chunk` positions at a time under `jax.checkpoint`, so
-    float32[B, T, V]
-    never exists at once (the vocab projection is recomputed in the backward pass).
+    hidden: float[B, T, D] final-normed; targets int32[B, T]; loss_mask float32[B, T]; `logits_fn` maps
+    float[..., D] -> float[..., V] (the vocab projection; whatever it closes over gets gradients).
+    Fused: the forward pass also forms the gradient `(softmax - onehot) * mask` of each chunk of logits and
+    pulls it back through `logits_fn` at once, so float32[B, T, V] logits are made once, never kept for the
+    backward pass, and never recomputed (the backward pass only scales the stored gradients). With `chunk` > 0
+    this happens `chunk` positions at a time, so at most float32[B, chunk, V] exists at once.
     """
-
-    def summed(h: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
-        logits = logits_fn(h).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - picked) * m)
-
     mask = loss_mask.astype(jnp.float32)
     b, t = targets.shape
-    if chunk <= 0 or chunk >= t:
-        total = summed(hidden, targets, mask)
-    else:
-        pad = -t % chunk
-        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        tg, m = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
-        n = (t + pad) // chunk
-        xs = (h.reshape(b, n, chunk, -1).swapaxes(0, 1), tg.reshape(b, n, chunk).swapaxes(0, 1),
-              m.reshape(b, n, chunk).swapaxes(0, 1))
-        body = jax.checkpoint(summed)
-        total = jax.lax.scan(lambda acc, x: (acc + body(*x), None), jnp.zeros((), jnp.float32), xs)[0]
+    chunk = t if chunk <= 0 or chunk >= t else chunk
+    pad = -t % chunk
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    tg, m = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    xs = (h.reshape(b, n, chunk, -1).swapaxes(0, 1), tg.reshape(b, n, chunk).swapaxes(0, 1),
+          m.reshape(b, n, chunk).swapaxes(0, 1))
+    fn, consts = jax.closure_convert(logits_fn, xs[0][0])
+    total = _fused_ce(fn, consts, *xs)
     count = jnp.sum(mask)
     return total / jnp.maximum(count, 1.0), count
+
+
+def _ce_chunk(fn: Callable, consts: list, h: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Summed masked cross-entropy of one chunk and its gradients w.r.t. (consts, h)."""
+    logits, pullback = jax.vjp(lambda c, x: fn(x, *c).astype(jnp.float32), consts, h)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    loss = jnp.sum((lse - picked) * mask)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    dlogits = (jnp.exp(logits - lse[..., None]) - onehot) * mask[..., None]
+    dconsts, dh = pullback(dlogits)
+    return loss, dconsts, dh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_ce(fn: Callable, consts: list, h: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Summed cross-entropy; h float[N, B, C, D], targets int32[N, B, C], mask float32[N, B, C] (N chunks)."""
+
+    def body(total, x):
+        hc, tc, mc = x
+        logits = fn(hc, *consts).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mc), None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, mask))[0]
+
+
+def _fused_ce_fwd(fn, consts, h, targets, mask):
+    if h.shape[0] == 1:
+        loss, dconsts, dh = _ce_chunk(fn, consts, h[0], targets[0], mask[0])
+        return loss, (dconsts, dh[None])
+
+    def body(carry, x):
+        total, acc = carry
+        loss, dconsts, dh = _ce_chunk(fn, consts, *x)
+        return (total + loss, jax.tree.map(jnp.add, acc, dconsts)), dh
+
+    zeros = jax.tree.map(jnp.zeros_like, consts)
+    (total, dconsts), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (h, targets, mask))
+    return total, (dconsts, dh)
+
+
+def _fused_ce_bwd(fn, residuals, g):
+    dconsts, dh = residuals
+    scale = lambda x: (g * x).astype(x.dtype)  # noqa: E731
+    return jax.tree.map(scale, dconsts), scale(dh), None, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tuple[jax.Array, jax.Array]:
