@@ -29,6 +29,7 @@ class DataSetup:
 
     root: str
     tokenizer_path: str
+    image_token_id: int | None = None  # used when the tokenizer has no <image> token (LLaVA's -200)
 
 
 def _to_dict(cd: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -47,8 +48,10 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
         text["vocab_size"] = vocab_size
     elif vocab_size is not None and vocab_size > text["vocab_size"]:
         raise ValueError(f"config.model.text.vocab_size={text['vocab_size']} < tokenizer vocab {vocab_size}")
-    image_id = m.image_token_id if m.image_token_id >= 0 else image_token_id
-    if image_id is None:
+    # The tokenizer's id wins: it is what the pipeline writes. The config's id (-1 = from the tokenizer) only
+    # tells a tokenizer without an <image> token which id to use, e.g. original LLaVA's out-of-vocab -200.
+    image_id = image_token_id if image_token_id is not None else m.image_token_id
+    if image_id == -1:
         raise ValueError("config.model.image_token_id is -1 (from tokenizer) but no tokenizer was given")
     return EmoLLMConfig(
         vision=VisionConfig(**_to_dict(m.vision)),
@@ -117,14 +120,15 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("emollm_jax.prepare_data")
-    return DataSetup(root=root, tokenizer_path=tok_path)
+    image_id = int(config.model.image_token_id)
+    return DataSetup(root=root, tokenizer_path=tok_path, image_token_id=None if image_id == -1 else image_id)
 
 
 def load_tokenizer(setup: DataSetup):
     """The run's tokenizer (data_pipeline.text.Tokenizer)."""
     from data_pipeline.text import load_tokenizer as _load
 
-    return _load(setup.tokenizer_path)
+    return _load(setup.tokenizer_path, image_token_id=setup.image_token_id)
 
 
 def new_model(cfg: EmoLLMConfig, seed: int) -> EmoLLM:

@@ -115,7 +115,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> l
     devices = jax.devices()[: num_devices or len(jax.devices())]
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
     vocab = int(config.model.text.vocab_size) or 512  # tiny: the tokenizer decides; 512 is a stand-in
-    image_id = int(config.model.image_token_id) if config.model.image_token_id >= 0 else vocab - 1
+    image_id = int(config.model.image_token_id) if config.model.image_token_id != -1 else vocab - 1
     base_cfg = experiment.model_config(config, vocab_size=vocab, image_token_id=image_id)
     depth = base_cfg.text.num_layers
     shallow = int(config.plan.shallow_layers)

@@ -141,3 +141,35 @@ def test_vicuna7b_requires_paths():
     _refuse(c, r"init\.llm")  # the vision tower is still missing
     c.init.vision = "/w/clip"
     emobench.validate_config(c, 8)
+
+
+def _vicuna_like_tokenizer_dir(directory: Path) -> Path:
+    """A Vicuna-style HF tokenizer (bos/eos, no <image> token) of 300 entries."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    corpus = ["the person looks happy and calm", "what emotion is shown in the image", "yes no maybe"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(corpus, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(directory)
+    return directory
+
+
+def test_vicuna_tokenizer_keeps_its_vocab_and_marks_images_outside_it(tmp_path):
+    from emollm_jax import experiment
+
+    tok_dir = _vicuna_like_tokenizer_dir(tmp_path / "vicuna")
+    c = _vicuna_ready()
+    c.init.llm = str(tok_dir)
+    setup = experiment.prepare_data(c, tmp_path / "work")
+    tokenizer = experiment.load_tokenizer(setup)
+    base_vocab = experiment.load_tokenizer(experiment.DataSetup(setup.root, str(tok_dir))).vocab_size - 1
+    assert tokenizer.image_token_id == -200
+    assert tokenizer.vocab_size == base_vocab  # nothing appended: the checkpoint's embedding still fits
+    c.model.text.vocab_size = tokenizer.vocab_size
+    cfg = experiment.model_config(c, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    assert cfg.image_token_id == -200 and cfg.text.vocab_size == base_vocab
