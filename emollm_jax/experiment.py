@@ -167,6 +167,17 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
             loaded = load_hf(path, dtype=model.config.text.param_dtype)
             if part == "vision" and hasattr(loaded, "vision"):
                 loaded = loaded.vision
+            if not part and _projector_differs(loaded, model):
+                # A LLaVA checkpoint under an MVP (or other) projector: take its two towers, keep the
+                # configured projector freshly initialised (LLaVA-1.5's recipe for a new projector).
+                log.info("%s has a %s projector, the config a %s one: loading the towers only", path,
+                         loaded.config.projector.kind, model.config.projector.kind)
+                for tower in ("llm", "vision"):
+                    new = nnx.state(getattr(loaded, tower), nnx.Param)
+                    _check_same_shapes(nnx.state(getattr(model, tower), nnx.Param), new,
+                                       f"init_from={path} ({tower})")
+                    nnx.update(getattr(model, tower), new)
+                continue
             new = nnx.state(loaded, nnx.Param)
         else:
             from emollm_jax.checkpoint import restore_params
@@ -182,6 +193,10 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
         new = restore_params(config.init.params, nnx.state(model, nnx.Param), None)
         nnx.update(model, new)
         log.info("loaded params from %s", config.init.params)
+
+
+def _projector_differs(loaded: Any, model: EmoLLM) -> bool:
+    return isinstance(loaded, EmoLLM) and loaded.config.projector != model.config.projector
 
 
 def _check_same_shapes(old: Any, new: Any, where: str) -> None:

@@ -187,3 +187,23 @@ def test_original_llava_layout_through_the_cli(hf_llava, tmp_path):
     restored = load_params(tmp_path / "ckpt")
     direct = load_llava_original(lm, clip)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(restored, nnx.Param), nnx.state(direct, nnx.Param))
+
+
+def test_llava_towers_under_an_mvp_projector(hf_llava, ours):
+    """`--init_from` a LLaVA checkpoint with the config's MVP projector: both towers load, MVP stays fresh."""
+    import dataclasses
+
+    import ml_collections
+
+    from emollm_jax import experiment
+    from emollm_jax.models.projectors import ProjectorConfig
+
+    cfg = dataclasses.replace(ours.config, projector=ProjectorConfig(kind="mvp", levels=(-1, -2)))
+    model = EmoLLM(cfg, rngs=nnx.Rngs(0))
+    fresh_projector = jax.tree.map(np.asarray, nnx.state(model.projector, nnx.Param))
+    config = ml_collections.ConfigDict({"init": {"hf": "", "llm": "", "vision": "", "params": ""}})
+    experiment.load_initial_weights(config, model, init_from=str(hf_llava[1]))
+    for tower in ("llm", "vision"):
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(getattr(model, tower), nnx.Param),
+                     nnx.state(getattr(ours, tower), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model.projector, nnx.Param), fresh_projector)
