@@ -1,11 +1,19 @@
-"""Train-step throughput: emollm_jax (mlp2x and MVP projectors) vs HF PyTorch LlavaForConditionalGeneration.
+"""Train-step speed and compile time, emollm_jax vs HF PyTorch: decoder alone, and with vision + projector.
 
-Same shapes on both sides: the `mid` decoder (hidden 512, inter 1376, 8 layers, 8 heads, vocab 32000), the
-tiny CLIP tower (64 px, patch 16, hidden 64, 2 layers), batch 8 x 256 tokens with one image (16 visual
-tokens) per sample, AdamW, fp32, CPU, everything trainable. Each variant runs in its own process (JAX and
-torch in one process slow each other's thread pools), alternating, and the medians are compared.
+Same shapes on both sides: the `mid` decoder (hidden 512, inter 1376, 8 layers, 8 heads, vocab 32000), batch
+8 x 256 tokens, answer loss on the last 32 positions, AdamW, fp32 master weights, CPU, everything trainable.
+- decoder alone: `jax_lm` (fp32), `jax_lm_bf16` (bf16 compute, fp32 params) vs HF LlamaForCausalLM with sdpa,
+  eager (`torch_lm`) and under `torch.compile` (`torch_lm_compile`);
+- multimodal: the tiny CLIP tower (64 px, patch 16, hidden 64, 2 layers) + projector (`jax_mvp`,
+  `jax_mlp2x_gelu`) in front, one image (16 visual tokens) per sample, vs HF LlavaForConditionalGeneration
+  (`torch_llava`, mlp2x_gelu: HF has no MVP).
+Each variant runs in its own process (JAX and torch in one process slow each other's thread pools), variants
+alternate in order and reverse order, and medians are compared; "vs torch" divides by the faster of the
+torch runs of the same model. The compile column is JAX's `lower().compile()` (torch: its first step, which
+includes torch.compile's compilation). The machine load (1-minute average) is printed with the table.
 
-    python benchmarks/bench_train.py --rounds 3 --steps 5
+    python benchmarks/bench_train.py --rounds 3 --steps 3
+    python benchmarks/bench_train.py --variants torch_lm,jax_lm,jax_lm_bf16
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V, IMAGE_ID = 8, 256, 32000, 4
+LM = dict(vocab_size=V, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8)
+VARIANTS = (
+    "torch_lm", "torch_lm_compile", "jax_lm", "jax_lm_bf16", "torch_llava", "jax_mvp", "jax_mlp2x_gelu",
+)
 
 
 def _inputs(np):
@@ -73,6 +85,89 @@ def worker_jax(projector: str, steps: int) -> dict:
     return {"step_s": statistics.median(times), "compile_s": compile_s, "flops": f}
 
 
+def _timed(step, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_jax_lm(dtype: str, steps: int) -> dict:
+    """The decoder alone: LlamaForCausalLM + the training loss (`train.token_cross_entropy`) + AdamW, one jit
+    with params and optimizer state donated."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from emollm_jax import train
+    from emollm_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**LM, dtype=dtype)
+    graphdef, params, rest = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+    opt = tx.init(params)
+    ids, loss_mask, _ = _inputs(np)
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": loss_mask}
+
+    def step(params, opt, batch):
+        def loss_of(p):
+            model = nnx.merge(graphdef, p, rest)
+            hidden = model(batch["input_ids"], return_hidden=True)
+            return train.token_cross_entropy(model.logits, hidden, batch["targets"], batch["loss_mask"])[0]
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state = [params, opt, None]
+
+    def run():
+        state[0], state[1], state[2] = compiled(state[0], state[1], batch)
+        return float(state[2])
+
+    run()
+    times = _timed(run, steps)
+    n_matmul = cfg.num_layers * (4 * 512 * 512 + 3 * 512 * 1376) + 512 * V
+    flops = B * T * (6 * n_matmul + 6 * cfg.num_layers * 512 * T)  # causal attention counted at half
+    return {"step_s": statistics.median(times), "compile_s": compile_s, "flops": flops, "loss": run()}
+
+
+def worker_torch_lm(steps: int, compile_model: bool) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=2048, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    forward = torch.compile(model) if compile_model else model
+    ids, loss_mask, _ = _inputs(np)
+    input_ids = torch.from_numpy(ids.astype(np.int64))
+    labels = input_ids.clone()
+    labels[torch.from_numpy(np.roll(loss_mask, 1, 1)) == 0] = -100  # HF shifts labels inside the loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = forward(input_ids=input_ids, labels=labels)
+        out.loss.backward()
+        opt.step()
+        return float(out.loss.detach())
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    return {"step_s": statistics.median(_timed(step, steps)), "compile_s": first}
+
+
 def worker_torch(steps: int) -> dict:
     import numpy as np
     import torch
@@ -99,7 +194,7 @@ def worker_torch(steps: int) -> dict:
         out = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
         out.loss.backward()
         opt.step()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     t0 = time.perf_counter()
     step()
@@ -120,39 +215,63 @@ def _run(variant: str, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _worker(variant: str, steps: int) -> dict:
+    if variant in ("torch_lm", "torch_lm_compile"):
+        return worker_torch_lm(steps, compile_model=variant.endswith("compile"))
+    if variant == "torch_llava":
+        return worker_torch(steps)
+    if variant in ("jax_lm", "jax_lm_bf16"):
+        return worker_jax_lm("bfloat16" if variant.endswith("bf16") else "float32", steps)
+    return worker_jax(variant.removeprefix("jax_"), steps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=["jax_mlp2x_gelu", "jax_mvp", "torch"])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--worker", choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
+    p.add_argument("--rounds", type=int, default=3, help="processes per variant")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
     if args.worker:
-        if args.worker == "torch":
-            res = worker_torch(args.steps)
-        else:
-            res = worker_jax(args.worker.removeprefix("jax_"), args.steps)
-        print(json.dumps(res))
+        print(json.dumps(_worker(args.worker, args.steps)))
         return
 
     sys.path.insert(0, str(ROOT))
     from emollm_jax.flops import device_peak_flops
 
-    variants = ["torch", "jax_mlp2x_gelu", "jax_mvp"]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+    loads = []
     for r in range(args.rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
+            loads.append(os.getloadavg()[0])
             runs[v].append(_run(v, args.steps))
     peak, source = device_peak_flops()
-    flops_mlp = runs["jax_mlp2x_gelu"][0]["flops"]
-    print(f"train step, batch {B} x {T} tokens, CPU fp32, medians of {args.rounds} processes x {args.steps} "
-          f"steps; peak {peak / 1e9:.0f} GFLOP/s ({source})")
-    torch_s = statistics.median(x["step_s"] for x in runs["torch"])
+    med = {v: statistics.median(x["step_s"] for x in runs[v]) for v in variants}
+    torch_best = {
+        "lm": min((med[v] for v in ("torch_lm", "torch_lm_compile") if v in med), default=None),
+        "llava": med.get("torch_llava"),
+    }
+    print(f"train step, batch {B} x {T} tokens, CPU, fp32 master weights, medians of {args.rounds} processes "
+          f"x {args.steps} steps; peak {peak / 1e9:.0f} GFLOP/s ({source}); load avg during the runs "
+          f"{min(loads):.1f}-{max(loads):.1f}")
+    flops_of = {
+        "lm": next((runs[v][0]["flops"] for v in ("jax_lm", "jax_lm_bf16") if v in runs), None),
+        "llava": next((runs[v][0]["flops"] for v in ("jax_mlp2x_gelu", "jax_mvp") if v in runs), None),
+    }
     for v in variants:
-        s = statistics.median(x["step_s"] for x in runs[v])
+        group = "lm" if v.endswith(("_lm", "_lm_bf16", "_lm_compile")) else "llava"
+        s = med[v]
+        f = runs[v][0].get("flops", flops_of[group])
         c = statistics.median(x["compile_s"] for x in runs[v])
-        f = runs[v][0].get("flops", flops_mlp)
-        print(f"{v:16s} {B * T / s:8.0f} tok/s  step {s * 1e3:7.1f} ms  MFU {f / s / peak:5.1%}  "
-              f"x{torch_s / s:.2f} vs torch  (first step / compile {c:.1f} s)")
+        mfu = f"MFU {f / s / peak:5.1%}" if f else "MFU    - "
+        ratio = f"x{torch_best[group] / s:.2f} vs best torch" if torch_best[group] else ""
+        loss = f"  loss {statistics.median(x['loss'] for x in runs[v]):.4f}" if "loss" in runs[v][0] else ""
+        print(f"{v:17s} {B * T / s:7.0f} tok/s  step {s * 1e3:7.1f} ms  {mfu}  {ratio:20s} "
+              f"compile/first step {c:5.1f} s{loss}")
 
 
 if __name__ == "__main__":
