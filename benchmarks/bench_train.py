@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V, IMAGE_ID = 8, 256, 32000, 4
 LM = dict(vocab_size=V, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8)
+LOSS_CHUNK = 32  # positions per fused cross-entropy chunk (config.train.loss_chunk); 6% faster than 0 here
 VARIANTS = (
     "torch_lm", "torch_lm_compile", "jax_lm", "jax_lm_bf16", "torch_llava", "jax_mvp", "jax_mlp2x_gelu",
 )
@@ -58,6 +59,7 @@ def worker_jax(projector: str, steps: int) -> dict:
     spec.loader.exec_module(emobench)
     config = emobench.get_config("mid")
     config.model.projector.kind = projector
+    config.train.loss_chunk = LOSS_CHUNK
     config.stages.emotional.update(batch_size=B, grad_clip=0.0, weight_decay=0.0, warmup_ratio=0.0)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     base = experiment.model_config(config, image_token_id=IMAGE_ID)
@@ -116,7 +118,8 @@ def worker_jax_lm(dtype: str, steps: int) -> dict:
         def loss_of(p):
             model = nnx.merge(graphdef, p, rest)
             hidden = model(batch["input_ids"], return_hidden=True)
-            return train.token_cross_entropy(model.logits, hidden, batch["targets"], batch["loss_mask"])[0]
+            return train.token_cross_entropy(model.logits, hidden, batch["targets"], batch["loss_mask"],
+                                             LOSS_CHUNK)[0]
 
         loss, grads = jax.value_and_grad(loss_of)(params)
         updates, opt = tx.update(grads, opt, params)
