@@ -396,18 +396,20 @@ def _run_stage(config, st: StageState, data: Iterator, params, opt_state, step_i
     bar = StageProgress(st.name, calls, step_in_stage, enabled=lead)
     projector_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(st.abstract_params["projector"]))
     losses: list[float] = []
-    compiled = None
+    compiled: dict[tuple[int, ...], Any] = {}  # one executable per sequence bucket (batch shape)
     window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
     try:
         for s in range(step_in_stage + 1, calls + 1):
             host = _host_batch(next(data))
             batch = sharding.global_batch(host, mesh)
-            if compiled is None:
+            shape = tuple(batch["input_ids"].shape)
+            if shape not in compiled:
                 t0 = time.perf_counter()
-                compiled = st.step_fn.lower(params, opt_state, batch).compile()
-                log.info("stage %s: train step compiled in %.1f s", st.name, time.perf_counter() - t0)
+                compiled[shape] = st.step_fn.lower(params, opt_state, batch).compile()
+                log.info("stage %s: train step for batch %s compiled in %.1f s", st.name, shape,
+                         time.perf_counter() - t0)
                 window_t = time.perf_counter()
-            params, opt_state, metrics = compiled(params, opt_state, batch)
+            params, opt_state, metrics = compiled[shape](params, opt_state, batch)
             metrics = jax.device_get(metrics)
             loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
             global_step += 1

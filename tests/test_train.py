@@ -96,7 +96,8 @@ def test_chunked_loss_equals_plain():
 
 def _tiny_run_config():
     c = emobench.get_config("tiny")
-    c.data.update(mini_train_per_task=12, mini_test_per_task=2, max_len=160)
+    # Two buckets: short caption/VQA batches and longer (video) ones compile separately in one stage.
+    c.data.update(mini_train_per_task=12, mini_test_per_task=2, max_len=160, seq_buckets=(80, 160))
     c.stages.objective.update(steps=3, batch_size=8)
     c.stages.emotional.update(steps=14, batch_size=8, lr=3e-3, warmup_ratio=0.0)
     c.train.update(log_every=1, checkpoint_every=100)
