@@ -4,9 +4,13 @@
 
 Every label follows from large visible cues at 64x64 (16x16 patches): a face filling the image whose brows,
 eyes and mouth encode one of six emotions; a held object or night scene for intent; the face colour, weather
-scene or expression that a caption agrees or clashes with for hate / humor / sarcasm (their captions alone
-are at chance: each caption occurs equally often with both labels); shapes and colours for the objective
-caption / vqa tasks.
+scene or expression that a caption agrees or clashes with for hate / humor / sarcasm; shapes and colours for
+the objective caption / vqa tasks.
+
+Hate / humor / sarcasm are a clash between a binary text feature and a binary image feature. Their captions
+alone are at chance (each caption occurs equally often with both labels), but the text feature is skewed
+4:1 as in real data (most sarcastic posts use positive words), so the image alone predicts 80% and the
+caption flips the rest. A balanced pure XOR would give gradient descent no marginal signal to start from.
 `card.json` states the rules. Same seed -> byte-identical files.
 """
 
@@ -24,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2
 IMAGE_SIZE = 64
 NUM_FRAMES = 4
 EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
@@ -59,7 +63,7 @@ CUE_WORDS = {
 }
 SKIN = ((255, 222, 180), (240, 195, 130), (225, 170, 110), (200, 140, 90), (170, 110, 70))
 BACKGROUNDS = ((170, 200, 230), (200, 230, 190), (230, 210, 170), (215, 190, 225), (190, 190, 190))
-GROUP_COLOURS = {"green": (70, 180, 70), "purple": (150, 80, 210), "orange": (245, 140, 30)}
+GROUP_COLOURS = {"green": (70, 180, 70), "purple": (150, 80, 210)}
 SHAPE_COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
 }
@@ -102,12 +106,14 @@ SARCASM_CAPTIONS = {
     "positive": ("I just love Mondays.", "Best day ever!", "What a wonderful morning.", "Life is great."),
     "negative": ("Worst day ever.", "This is terrible.", "I hate surprises.", "Everything is ruined."),
 }
-WEATHER = ("sunny", "rainy", "snowy")
+WEATHER = ("sunny", "rainy")
 HUMOR_CAPTIONS = {
     "sunny": ("Perfect weather for sunbathing!", "Not a single cloud in the sky today."),
     "rainy": ("Do not forget your umbrella today.", "Great weather for ducks!"),
-    "snowy": ("Time to build a snowman!", "Bundle up, it is freezing out there."),
 }
+SKEW = 4  # records with the common text feature per record with the rare one (hate / humor / sarcasm)
+# The common text feature of each clash task: the caption alone stays at chance, the image alone gives 80%.
+COMMON = {"hate": "green", "humor": "sunny", "sarcasm": "positive"}
 
 
 # ----------------------------------------------------------------------------------------------- drawing
@@ -184,9 +190,9 @@ def draw_face(cues: tuple[str, str, str, bool], *, skin: tuple[int, int, int],
 
 
 def draw_weather(kind: str, rng: np.random.Generator) -> Image.Image:
-    """Sky over ground: a sun and blue sky, a dark cloud with rain, or a grey cloud with snow."""
-    sky = {"sunny": (110, 180, 250), "rainy": (90, 95, 110), "snowy": (175, 180, 195)}[kind]
-    ground = {"sunny": (90, 180, 70), "rainy": (70, 110, 60), "snowy": (250, 250, 250)}[kind]
+    """Sky over ground: a sun and blue sky, or a dark cloud with rain."""
+    sky = {"sunny": (110, 180, 250), "rainy": (90, 95, 110)}[kind]
+    ground = {"sunny": (90, 180, 70), "rainy": (70, 110, 60)}[kind]
     im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), sky)
     d = ImageDraw.Draw(im)
     d.rectangle((0, 46, 63, 63), fill=ground)
@@ -194,15 +200,11 @@ def draw_weather(kind: str, rng: np.random.Generator) -> Image.Image:
     if kind == "sunny":
         d.ellipse((20 + dx, 6, 44 + dx, 30), fill=(255, 220, 0))
     else:
-        cloud = (50, 50, 60) if kind == "rainy" else (225, 225, 235)
         for box in ((6, 8, 30, 26), (20, 3, 46, 25), (36, 9, 60, 27)):
-            d.ellipse((box[0] + dx, box[1], box[2] + dx, box[3]), fill=cloud)
+            d.ellipse((box[0] + dx, box[1], box[2] + dx, box[3]), fill=(50, 50, 60))
         for i in range(7):
             x, y = 6 + 8 * i + int(rng.integers(0, 4)), 30 + int(rng.integers(0, 8))
-            if kind == "rainy":
-                d.line((x, y, x - 3, y + 10), fill=(30, 70, 255), width=2)
-            else:
-                d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(255, 255, 255))
+            d.line((x, y, x - 3, y + 10), fill=(30, 70, 255), width=2)
     return im
 
 
@@ -312,7 +314,7 @@ def _intent_item(rid: str, label: str, rng):
 
 def _hate_item(rid: str, caption: str, colour: str, yes: bool, rng):
     """Hateful iff the caption's insulted colour group is the colour of the depicted face."""
-    face = colour if yes else _pick(rng, tuple(c for c in GROUP_COLOURS if c != colour))
+    face = colour if yes else next(c for c in GROUP_COLOURS if c != colour)
     im = draw_face(CUES[_pick(rng, EMOTIONS)], skin=GROUP_COLOURS[face], background=_pick(rng, BACKGROUNDS),
                    rng=rng)
     how = "so it attacks the person depicted" if yes else "so it does not target the person depicted"
@@ -324,7 +326,7 @@ def _hate_item(rid: str, caption: str, colour: str, yes: bool, rng):
 
 def _humor_item(rid: str, caption: str, said: str, yes: bool, rng):
     """Humorous iff the caption describes weather other than the pictured one (a playful mismatch)."""
-    shown = _pick(rng, tuple(w for w in WEATHER if w != said)) if yes else said
+    shown = next(w for w in WEATHER if w != said) if yes else said
     how = "a playful mismatch" if yes else "a plain description"
     why = f"The caption talks about {said} weather and the picture is {shown}: {how}."
     q = _question("humor", rng, "image", caption=caption)
@@ -390,19 +392,30 @@ def _vqa_item(rid: str, rng):
     return rec, [draw_shapes(items, rng)]
 
 
+def _skewed(captions: Mapping[str, tuple[str, ...]], common: str) -> tuple:
+    """(caption, text feature, label) triples: every caption with both labels equally often, and `SKEW`
+    common-feature triples per rare one, in blocks of `SKEW + 1` of one label (so any whole number of blocks
+    has the skew exactly and consecutive block pairs balance the labels)."""
+    rare = next(k for k in captions if k != common)
+    major = [(t, common, y) for t in captions[common] for y in BOTH]
+    minor = [(t, rare, y) for t in captions[rare] for y in BOTH]
+    if len(major) != len(minor):
+        raise ValueError(f"{common}/{rare}: need as many common as rare captions")
+    return tuple(v for a, b in zip(major, minor, strict=True) for v in (a,) * SKEW + (b,))
+
+
 def _task_values(task: str) -> tuple:
-    """What `_balanced` cycles through per task: labels, or (caption, cue, label) triples so that every
-    caption occurs equally often with both labels."""
+    """What `_balanced` cycles through per task: labels, or (caption, text feature, label) triples."""
     if task in ("emo_c", "emo_o"):
         return EMOTIONS
     if task == "intent":
         return INTENTS
     if task == "hate":
-        return tuple((t.format(c=c), c, y) for t in HATE_CAPTIONS for c in GROUP_COLOURS for y in BOTH)
+        return _skewed({c: tuple(t.format(c=c) for t in HATE_CAPTIONS) for c in GROUP_COLOURS}, COMMON[task])
     if task == "humor":
-        return tuple((t, w, y) for w in WEATHER for t in HUMOR_CAPTIONS[w] for y in BOTH)
+        return _skewed(HUMOR_CAPTIONS, COMMON[task])
     if task == "sarcasm":
-        return tuple((t, tone, y) for tone, ts in SARCASM_CAPTIONS.items() for t in ts for y in BOTH)
+        return _skewed(SARCASM_CAPTIONS, COMMON[task])
     if task == "caption":
         return ("shapes", "shapes", "face")
     return ("any",)
@@ -535,12 +548,16 @@ RULES = {
     "emo_o": "Same cues, no options. About 30% are 4-frame videos: a neutral first frame, then the "
              "expression while the head drifts.",
     "intent": " ".join(INTENT_WHY.values()),
-    "hate": "The caption insults a colour group (green/purple/orange); hateful iff the depicted face has "
-            "that colour. Every caption occurs equally often with both labels; the expression is random.",
-    "humor": "The caption describes sunny/rainy/snowy weather; humorous iff the picture shows different "
-             "weather (a playful mismatch). Every caption occurs equally often with both labels.",
+    "hate": "The caption insults a colour group (green or purple); hateful iff the depicted face has that "
+            "colour; the expression is random. Every caption occurs equally often with both labels; 80% of "
+            "captions insult green, so the face colour alone predicts 80% and the caption decides the rest.",
+    "humor": "The caption describes sunny or rainy weather; humorous iff the picture shows the other weather "
+             "(a playful mismatch). Every caption occurs equally often with both labels; 80% of captions "
+             "are about sun, so the picture alone predicts 80% and the caption decides the rest.",
     "sarcasm": "The caption sounds positive or negative; sarcastic iff the face's emotion has the opposite "
-               "valence (joy vs anger/sadness/disgust). Every caption occurs equally often with both labels.",
+               "valence (joy vs anger/sadness/disgust). Every caption occurs equally often with both labels; "
+               "80% of captions sound positive (as in real sarcasm data), so the face alone predicts 80% and "
+               "the caption decides the rest.",
     "caption": "Objective: shapes named left to right with their colours ('a red circle and a blue square', "
                "'two green triangles'), or a face's brows, eyes and mouth described.",
     "vqa": "Objective: colour / shape / count / presence questions about one or two shapes.",
