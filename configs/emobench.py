@@ -13,36 +13,20 @@ from __future__ import annotations
 
 import ml_collections
 
+from emollm_jax.sharding import DEFAULT_RULES, MESH_AXES
+
 VARIANTS = ("tiny", "vicuna7b", "mid")
 TASKS_EMOTIONAL = ("emo_c", "emo_o", "intent", "hate", "humor", "sarcasm")
 TASKS_OBJECTIVE = ("caption", "vqa")
 STAGE_GROUPS = ("vision", "projector", "llm", "lora")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear", "mvp")
 TEMPLATES = ("vicuna_v1", "llama2", "chatml")
-MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Logical parameter axis -> mesh axis (None = replicated), as emollm_jax.sharding.DEFAULT_RULES: FSDP shards
-# the model width, tensor parallelism shards heads / MLP / vocab; `data` only replicates weights.
-SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("norm", None),
-    ("vit_embed", "fsdp"),
-    ("vit_mlp", "tensor"),
-    ("vit_heads", "tensor"),
-    ("vit_patch", None),
-    ("vit_pos", None),
-    ("proj_in", "fsdp"),
-    ("proj_hidden", "tensor"),
-    ("proj_out", "fsdp"),
-    ("lora_rank", None),
-)
+# Logical parameter axis -> mesh axis (None = replicated): FSDP shards the model width, tensor parallelism
+# shards heads / MLP / vocab, `data` only replicates weights. The table is emollm_jax.sharding.DEFAULT_RULES;
+# override it whole, e.g. --config.sharding_rules="(('embed', None), ('mlp', 'tensor'), ...)".
+SHARDING_RULES = DEFAULT_RULES
 
 
 def _stage(name: str, tasks: tuple[str, ...], trainable: tuple[str, ...], lr: float, steps: int,
