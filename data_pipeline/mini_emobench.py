@@ -336,9 +336,10 @@ def _humor_item(rid: str, caption: str, said: str, yes: bool, rng):
 
 
 def _sarcasm_item(rid: str, caption: str, tone: str, yes: bool, rng):
-    """Sarcastic iff the caption's tone and the face's valence disagree."""
+    """Sarcastic iff the caption's tone and the face's valence disagree: a smiling face (joy) or a frowning,
+    crying one (sadness, whose blue tears are the largest cue of any negative emotion)."""
     face_positive = (tone == "positive") != yes
-    emotion = "joy" if face_positive else _pick(rng, ("anger", "sadness", "disgust"))
+    emotion = "joy" if face_positive else "sadness"
     im = draw_face(CUES[emotion], **_face_kwargs(rng))
     how = "they clash" if yes else "they agree"
     why = f"The words sound {tone} and the face shows {emotion} ({_describe(CUES[emotion])}): {how}."
@@ -555,9 +556,9 @@ RULES = {
              "(a playful mismatch). Every caption occurs equally often with both labels; 80% of captions "
              "are about sun, so the picture alone predicts 80% and the caption decides the rest.",
     "sarcasm": "The caption sounds positive or negative; sarcastic iff the face's emotion has the opposite "
-               "valence (joy vs anger/sadness/disgust). Every caption occurs equally often with both labels; "
-               "80% of captions sound positive (as in real sarcasm data), so the face alone predicts 80% and "
-               "the caption decides the rest.",
+               "valence (a smiling joy face vs a frowning, crying sadness face). Every caption occurs "
+               "equally often with both labels; 80% of captions sound positive (as in real sarcasm data), "
+               "so the face alone predicts 80% and the caption decides the rest.",
     "caption": "Objective: shapes named left to right with their colours ('a red circle and a blue square', "
                "'two green triangles'), or a face's brows, eyes and mouth described.",
     "vqa": "Objective: colour / shape / count / presence questions about one or two shapes.",
