@@ -59,7 +59,9 @@ def test_data_parallel_8_matches_1_device():
     leaves1, leaves8 = jax.tree.leaves(p1), jax.tree.leaves(p8)
     pairs = zip(leaves1, leaves8, strict=True)
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
-    assert diff < 1e-5
+    # Adam divides by sqrt(v): on gradient components near zero, reduction-order noise (~1e-7) becomes a
+    # visible part of the step. Bound the parameters by 2% of the largest possible move (3 steps x peak lr).
+    assert diff < 0.02 * 3 * config.stages.emotional.lr, diff
 
 
 def test_fsdp_mesh_matches_too():
