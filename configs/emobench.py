@@ -134,10 +134,11 @@ def _tiny() -> ml_collections.ConfigDict:
     # Plain-sum MVP without the CLS "global" perspective: from random towers the gated/global variant learned
     # the image cues more slowly (teacher-forced EmoBench mean 0.37 vs 0.52 after 250 stage-2 steps).
     c.model.projector.update(perspectives=("token", "relation", "multilevel"), fusion="sum")
-    # mini-EmoBench prompts are 58..115 tokens (a 4-frame video is 64 visual tokens): one 128 bucket, one
-    # compile; 192 padded every step by half again.
-    c.data.max_len = 128
-    c.data.seq_buckets = (128,)
+    # mini-EmoBench prompts are mostly 58..115 tokens (a 4-frame video is 64 visual tokens): nearly every
+    # batch pads to 128; a rare longer record (other generator sizes) gets the 160 bucket and one more
+    # compile.
+    c.data.max_len = 160
+    c.data.seq_buckets = (128, 160)
     return c
 
 
@@ -163,7 +164,10 @@ def _vicuna7b() -> ml_collections.ConfigDict:
     c.stages.emotional = _stage("emotional", TASKS_EMOTIONAL, ("projector", "llm"), 2e-5, steps=0,
                                 batch_size=128, epochs=1.0)
     c.mesh.update(data=1, fsdp=-1)
-    c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3)
+    # `--mode=plan` on 8 devices (fsdp 8): without accumulation the LLaVA-1.5 stage-2 batch needs ~79 GiB per
+    # device; two micro-batches bring it to ~50 GiB. The loss is computed in chunks of 512 positions.
+    c.stages.emotional.grad_accum = 2
+    c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3, loss_chunk=512)
     c.plan.device_memory_gb = 80.0
     return c
 
@@ -174,6 +178,7 @@ def _mid() -> ml_collections.ConfigDict:
     c.model.text.update(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                         num_kv_heads=8, max_position_embeddings=2048)
     c.data.max_len = 256
+    c.train.loss_chunk = 32  # fused chunked cross-entropy: ~6% faster on CPU than the whole 32000-way softmax
     c.stages.objective = _stage("objective", TASKS_OBJECTIVE, ("projector",), 1e-3, steps=20, batch_size=8)
     c.stages.emotional = _stage("emotional", TASKS_EMOTIONAL, ("vision", "projector", "llm"), 2e-4, steps=20,
                                 batch_size=8)
