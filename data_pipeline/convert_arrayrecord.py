@@ -15,9 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from data_pipeline.media import KIND_FIELD, read_media_bytes
 from data_pipeline.records import ErrorBudget, RecordError, iter_records, validate_record
 from data_pipeline.sources import encode_record
-from data_pipeline.tfds_emobench import KIND_FIELD, read_media_bytes
 
 
 def embed_media(record: dict, data_root: str | os.PathLike) -> dict:

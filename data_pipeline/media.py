@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline.records import IMAGE_SUFFIXES, resolve_media_path
+from data_pipeline.records import IMAGE_SUFFIXES, media_paths, resolve_media_path
 
 # OpenAI CLIP normalisation constants (the values in transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -235,3 +235,25 @@ def load_media(
     except (MediaError, ValueError) as e:
         raise MediaError(f"record {rid}: {e}") from e
     return prep([])
+
+
+# media_kind: how `media` decodes back into record fields
+KIND_FIELD = {"image": "image_bytes", "frames": "video_frames_bytes", "video": "video_bytes"}
+
+
+def read_media_bytes(record: dict[str, Any], data_root: str | os.PathLike) -> tuple[str, list[bytes]]:
+    """A record's media as encoded files: ("image", [png]), ("frames", [png, ...]), ("video", [mp4]) or
+    ("", []). Frame directories are listed with `media.frame_files` (sorted by name)."""
+    kind, paths = media_paths(record)
+    if kind is None:
+        return "", []
+    files = [resolve_media_path(p, data_root) for p in paths]
+    if kind == "image":
+        if len(files) != 1:
+            raise ValueError(f"record {record.get('id')}: {len(files)} images; an embedded record holds one")
+        return "image", [files[0].read_bytes()]
+    if len(files) == 1 and files[0].is_dir():
+        files = frame_files(files[0])
+    elif len(files) == 1:
+        return "video", [files[0].read_bytes()]
+    return "frames", [f.read_bytes() for f in files]

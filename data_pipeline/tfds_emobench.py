@@ -21,33 +21,10 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline.records import iter_records, media_paths, resolve_media_path
+from data_pipeline.media import KIND_FIELD, read_media_bytes
+from data_pipeline.records import iter_records
 
 SPLITS = ("train", "validation", "test")
-# media_kind: how `media` decodes back into record fields
-KIND_FIELD = {"image": "image_bytes", "frames": "video_frames_bytes", "video": "video_bytes"}
-
-
-def read_media_bytes(record: dict[str, Any], data_root: str | os.PathLike) -> tuple[str, list[bytes]]:
-    """A record's media as encoded files: ("image", [png]), ("frames", [png, ...]), ("video", [mp4]) or
-    ("", []). Frame directories are listed with `media.frame_files` (sorted by name)."""
-    from data_pipeline import media
-
-    kind, paths = media_paths(record)
-    if kind is None:
-        return "", []
-    files = [resolve_media_path(p, data_root) for p in paths]
-    if kind == "image":
-        if len(files) != 1:
-            raise ValueError(f"record {record.get('id')}: {len(files)} images; an embedded record holds one")
-        return "image", [files[0].read_bytes()]
-    if len(files) == 1 and files[0].is_dir():
-        files = media.frame_files(files[0])
-    elif len(files) == 1:
-        return "video", [files[0].read_bytes()]
-    return "frames", [f.read_bytes() for f in files]
-
-
 def example_to_record(example: dict[str, Any]) -> dict[str, Any]:
     """A `tfds.data_source` element (numpy) -> a record dict with embedded media (`records` schema)."""
 
