@@ -60,7 +60,8 @@ def test_each_process_reads_its_half_of_every_global_batch(tmp_path):
     exactly the single-process batch's rows (as a multiset), and neither process sees the other's rows."""
     from emollm_jax import experiment, train
 
-    config = _tiny_config(mini_train_per_task=6, mini_test_per_task=1)
+    # 12 records x 6 tasks = 72 > 3 steps x 16 rows: one epoch, so no record may recur on both processes
+    config = _tiny_config(mini_train_per_task=12, mini_test_per_task=1)
     setup = experiment.prepare_data(config, tmp_path)
     tokenizer = experiment.load_tokenizer(setup)
     model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
