@@ -96,6 +96,23 @@ def _timed(step, steps: int) -> list[float]:
     return times
 
 
+def _time_torch_steps(opt, loss_fn, steps: int) -> dict:
+    """One PyTorch AdamW step = zero_grad, loss_fn() forward, backward, step; the first call is timed apart
+    (torch.compile compiles there), then the median of `steps` calls."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    return {"step_s": statistics.median(_timed(step, steps)), "compile_s": first}
+
+
 def worker_jax_lm(dtype: str, steps: int) -> dict:
     """The decoder alone: LlamaForCausalLM + the training loss (`train.token_cross_entropy`) + AdamW, one jit
     with params and optimizer state donated."""
@@ -158,17 +175,7 @@ def worker_torch_lm(steps: int, compile_model: bool) -> dict:
     labels = input_ids.clone()
     labels[torch.from_numpy(np.roll(loss_mask, 1, 1)) == 0] = -100  # HF shifts labels inside the loss
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = forward(input_ids=input_ids, labels=labels)
-        out.loss.backward()
-        opt.step()
-        return float(out.loss.detach())
-
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    return {"step_s": statistics.median(_timed(step, steps)), "compile_s": first}
+    return _time_torch_steps(opt, lambda: forward(input_ids=input_ids, labels=labels).loss, steps)
 
 
 def worker_torch(steps: int) -> dict:
@@ -192,22 +199,8 @@ def worker_torch(steps: int) -> dict:
     labels[torch.from_numpy(np.roll(loss_mask, 1, 1)) == 0] = -100
     pixel_values = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
-        out.loss.backward()
-        opt.step()
-        return float(out.loss.detach())
-
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "compile_s": first}
+    return _time_torch_steps(
+        opt, lambda: model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss, steps)
 
 
 def _run(variant: str, steps: int) -> dict:
