@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import emollm_jax  # noqa: F401  (flax config first)
-from emollm_jax.generate import generate, make_generate_fn, sample_token
+from emollm_jax.generate import generate, greedy_token, make_generate_fn, sample_token
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from emollm_jax.models.projectors import ProjectorConfig
@@ -90,6 +90,16 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(llm):
     greedy = np.asarray(generate(llm, ids, mask, max_new_tokens=N_NEW, eos_id=-1, pad_id=PAD))
     nucleus = np.asarray(generate(llm, ids, mask, seed=7, top_p=1e-6, **kw))
     np.testing.assert_array_equal(nucleus, greedy)
+
+
+def test_greedy_token_is_argmax_with_first_index_on_ties():
+    logits = np.random.default_rng(0).normal(size=(6, 1000)).astype(np.float32)
+    logits[1, [3, 700]] = 50.0  # a tie: the first index wins, as with argmax
+    logits[2] = -np.inf
+    logits[2, 999] = 0.0
+    logits[3] = 7.0  # all equal
+    np.testing.assert_array_equal(greedy_token(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    assert greedy_token(jnp.asarray(logits))[1] == 3
 
 
 def test_top_p_keeps_the_nucleus_only():
