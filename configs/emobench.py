@@ -109,7 +109,8 @@ def _base() -> ml_collections.ConfigDict:
         log_every=10,
         checkpoint_every=200,
         max_to_keep=2,
-        loss_chunk=0,        # >0: cross-entropy over vocab computed in chunks of this many positions
+        loss_chunk=32,       # cross-entropy over the vocab in chunks of this many positions (0: all at once);
+                             # chunks where no row is supervised are skipped (answer-only loss: most are)
         profile=False,
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8, max_examples=0, control_split="",
@@ -178,7 +179,6 @@ def _mid() -> ml_collections.ConfigDict:
     c.model.text.update(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                         num_kv_heads=8, max_position_embeddings=2048)
     c.data.max_len = 256
-    c.train.loss_chunk = 32  # fused chunked cross-entropy: ~6% faster on CPU than the whole 32000-way softmax
     c.stages.objective = _stage("objective", TASKS_OBJECTIVE, ("projector",), 1e-3, steps=20, batch_size=8)
     c.stages.emotional = _stage("emotional", TASKS_EMOTIONAL, ("vision", "projector", "llm"), 2e-4, steps=20,
                                 batch_size=8)

@@ -65,7 +65,9 @@ def token_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax
     Fused: the forward pass also forms the gradient `(softmax - onehot) * mask` of each chunk of logits and
     pulls it back through `logits_fn` at once, so float32[B, T, V] logits are made once, never kept for the
     backward pass, and never recomputed (the backward pass only scales the stored gradients). With `chunk` > 0
-    this happens `chunk` positions at a time, so at most float32[B, chunk, V] exists at once.
+    this happens `chunk` positions at a time, so at most float32[B, chunk, V] exists at once, and a chunk with
+    no supervised token in any row is skipped (its loss and gradients are exactly zero): with answer-only
+    masks most of the vocab projection's work, forward and backward, is never done.
     """
     mask = loss_mask.astype(jnp.float32)
     b, t = targets.shape
@@ -98,12 +100,18 @@ def _ce_chunk(fn: Callable, consts: list, h: jax.Array, targets: jax.Array, mask
 def _fused_ce(fn: Callable, consts: list, h: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Summed cross-entropy; h float[N, B, C, D], targets int32[N, B, C], mask float32[N, B, C] (N chunks)."""
 
-    def body(total, x):
-        hc, tc, mc = x
+    def chunk_loss(hc, tc, mc):
         logits = fn(hc, *consts).astype(jnp.float32)
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mc), None
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mc)
 
+    def body(total, x):
+        hc, tc, mc = x
+        add = lambda: total + chunk_loss(hc, tc, mc)  # noqa: E731
+        return jax.lax.cond(jnp.any(mc != 0), add, lambda: total), None
+
+    if h.shape[0] == 1:
+        return chunk_loss(h[0], targets[0], mask[0])
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, mask))[0]
 
 
@@ -113,9 +121,14 @@ def _fused_ce_fwd(fn, consts, h, targets, mask):
         return loss, (dconsts, dh[None])
 
     def body(carry, x):
-        total, acc = carry
-        loss, dconsts, dh = _ce_chunk(fn, consts, *x)
-        return (total + loss, jax.tree.map(jnp.add, acc, dconsts)), dh
+        hc, tc, mc = x
+
+        def add():
+            total, acc = carry
+            loss, dconsts, dh = _ce_chunk(fn, consts, hc, tc, mc)
+            return (total + loss, jax.tree.map(jnp.add, acc, dconsts)), dh
+
+        return jax.lax.cond(jnp.any(mc != 0), add, lambda: (carry, jnp.zeros_like(hc)))
 
     zeros = jax.tree.map(jnp.zeros_like, consts)
     (total, dconsts), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (h, targets, mask))
@@ -398,9 +411,10 @@ def _run_stage(config, st: StageState, data: Iterator, params, opt_state, step_i
     losses: list[float] = []
     compiled: dict[tuple[int, ...], Any] = {}  # one executable per sequence bucket (batch shape)
     window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+    upcoming = (_host_batch(next(data)), data.get_state()) if step_in_stage < calls else None
     try:
         for s in range(step_in_stage + 1, calls + 1):
-            host = _host_batch(next(data))
+            host, data_state = upcoming  # data_state: the iterator just past this batch, for a resume
             batch = sharding.global_batch(host, mesh)
             shape = tuple(batch["input_ids"].shape)
             if shape not in compiled:
@@ -410,6 +424,8 @@ def _run_stage(config, st: StageState, data: Iterator, params, opt_state, step_i
                          time.perf_counter() - t0)
                 window_t = time.perf_counter()
             params, opt_state, metrics = compiled[shape](params, opt_state, batch)
+            if s < calls:  # the next batch is read while the device runs this step (dispatch is asynchronous)
+                upcoming = (_host_batch(next(data)), data.get_state())
             metrics = jax.device_get(metrics)
             loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
             global_step += 1
@@ -436,7 +452,7 @@ def _run_stage(config, st: StageState, data: Iterator, params, opt_state, step_i
                 bar.update(window_steps, loss=loss, tok_s=rec["tokens_per_s"])
                 window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
             meta = dict(stage_index=st.index, stage_name=st.name, stage_step=s, global_step=global_step)
-            ckpt.save(global_step, params=params, opt_state=opt_state, meta=meta, data_state=data.get_state(),
+            ckpt.save(global_step, params=params, opt_state=opt_state, meta=meta, data_state=data_state,
                       force=s == calls)
     finally:
         bar.close()

@@ -59,20 +59,24 @@ def test_bf16_compute_loss_within_1e3_of_fp32_after_50_steps():
 def test_fused_loss_gradients_equal_plain_autodiff_through_the_decoder():
     model = LlamaForCausalLM(_config("float32"), rngs=nnx.Rngs(1))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ids, targets, mask = _batch()
+    ids, targets, half = _batch()
 
-    def fused(p, chunk):
+    def fused(p, mask, chunk):
         m = nnx.merge(graphdef, p, rest)
         return train.token_cross_entropy(m.logits, m(ids, return_hidden=True), targets, mask, chunk)[0]
 
-    def plain(p):
+    def plain(p, mask):
         logits = nnx.merge(graphdef, p, rest)(ids)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
         return jnp.sum(nll * mask) / jnp.sum(mask)
 
-    ref, g_ref = jax.value_and_grad(plain)(params)
-    for chunk in (0, 8, 12):  # one piece, even chunks, a padded last chunk
-        loss, g = jax.value_and_grad(fused)(params, chunk)
-        np.testing.assert_allclose(loss, ref, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    ragged = np.zeros((B, T), np.float32)  # answers at different places; rows and 8-position chunks without
+    ragged[0, 20:24], ragged[2, 5:7], ragged[3, 28:] = 1.0, 1.0, 1.0
+    for mask in (half, jnp.asarray(ragged)):
+        ref, g_ref = jax.value_and_grad(plain)(params, mask)
+        for chunk in (0, 8, 12):  # one piece, even chunks (some skipped: none supervised), a padded last one
+            loss, g = jax.value_and_grad(fused)(params, mask, chunk)
+            np.testing.assert_allclose(loss, ref, rtol=1e-6)
+            np.testing.assert_allclose(jax.jit(fused, static_argnums=2)(params, mask, chunk), ref, rtol=1e-6)
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
