@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emollm_jax.models import dots
+
 _FAMILIES = ("llama", "mistral", "qwen2")
 _INIT = nnx.initializers.normal(stddev=0.02)  # HF's initializer_range default
 
@@ -275,6 +277,7 @@ def _linear(
         n_in, n_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nnx.with_partitioning(_INIT, names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+        dot_general=dots.dot_general,  # bf16 products accumulate in float32 (2x faster on CPU)
         rngs=rngs,
     )
 

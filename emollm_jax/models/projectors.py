@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emollm_jax.models import dots
+
 PERSPECTIVES = ("token", "relation", "multilevel", "global")
 FUSIONS = ("sum", "gated_sum", "concat")
 KINDS = ("mlp2x_gelu", "linear", "mvp")
@@ -96,6 +98,7 @@ def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, **kw: A
         dout,
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
+        dot_general=dots.dot_general,
         rngs=rngs,
         **kw,
     )

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emollm_jax.models import dots
 from emollm_jax.models.llama import dot_product_attention
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -130,6 +131,7 @@ def _linear(cfg: VisionConfig, n_in: int, n_out: int, names: tuple[str, str], rn
         n_in, n_out, **_dtypes(cfg), rngs=rngs,
         kernel_init=nnx.with_partitioning(_INIT, names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+        dot_general=dots.dot_general,
     )
 
 
