@@ -1,12 +1,16 @@
-"""Input pipeline throughput: our Grain pipeline vs a torch DataLoader doing the same work, in one run.
+"""Input pipeline throughput: our Grain pipeline vs a torch DataLoader doing the same work, and vs what the
+default job's train step consumes, in one run.
 
     python benchmarks/bench_input.py [--records 96] [--batch 8] [--image-size 336] [--workers 0 1 2]
 
-Both sides decode mini-EmoBench PNGs, resize to `--image-size` (LLaVA "pad" mode), CLIP-normalise, apply the
-vicuna_v1 template with 576 visual tokens per image and tokenize with the tiny tokenizer, then pad and stack
-batches. The torch side reuses the same per-record functions (`media.load_media`,
-`text.encode_conversation`), so the ratio measures the pipeline machinery (Grain workers/threads vs
-DataLoader workers), not different image code. Prints samples/s and the ratio ours / torch per worker count.
+1. Both sides decode mini-EmoBench PNGs, resize to `--image-size` (LLaVA "pad" mode), CLIP-normalise, apply
+   the vicuna_v1 template with 576 visual tokens per image and tokenize with the tiny tokenizer, then pad and
+   stack batches. The torch side reuses the same per-record functions (`media.load_media`,
+   `text.encode_conversation`), so the ratio measures the pipeline machinery (Grain workers/threads vs
+   DataLoader workers), not different image code. Configurations alternate for `--rounds` rounds; medians of
+   samples/s and the ratio ours / torch per worker count are printed.
+2. The default job (`configs/emobench.py`, tiny): its stage-2 pipeline as `train` builds it (in-process, the
+   config's default) against its compiled train step fed from memory, in samples/s, in one subprocess.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +111,54 @@ def measure(batches, n_batches: int, batch_size: int) -> float:
     return n_batches * batch_size / (time.perf_counter() - start)
 
 
+def default_job_rates(batches: int, steps: int) -> dict:
+    """(pipeline samples/s, train-step samples/s) of the default job's emotional stage, same process."""
+    import importlib.util
+
+    import jax
+
+    from emollm_jax import experiment, sharding, train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("emobench", os.path.join(root, "configs", "emobench.py"))
+    emobench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emobench)
+    config = emobench.get_config("tiny")
+    with tempfile.TemporaryDirectory() as workdir:
+        setup = experiment.prepare_data(config, workdir)
+        tokenizer = experiment.load_tokenizer(setup)
+        base = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
+                                       image_token_id=tokenizer.image_token_id)
+        mesh = sharding.make_mesh(dict(config.mesh))
+        index = list(config.stage_order).index("emotional")
+        stage = config.stages.emotional
+        st = train.build_stage(config, index, base, mesh, total_steps=1000)
+        data, _ = train.default_data_factory(config, stage, setup, tokenizer, base, int(stage.batch_size),
+                                             0, 1, workdir=workdir)
+        next(data)
+        start = time.perf_counter()
+        host = [train._host_batch(next(data)) for _ in range(batches)]
+        pipeline_rate = batches * stage.batch_size / (time.perf_counter() - start)
+
+        params = train.init_params(config, st.model_cfg, st.param_shardings)
+        opt = jax.jit(st.tx.init)(params)
+        device = [sharding.global_batch(h, mesh) for h in host]
+        compiled = {}
+        for b in device:  # one executable per sequence bucket, as in `train`
+            shape = b["input_ids"].shape
+            if shape not in compiled:
+                compiled[shape] = st.step_fn.lower(params, opt, b).compile()
+        times = []
+        for i in range(steps + 1):
+            b = device[i % len(device)]
+            t0 = time.perf_counter()
+            params, opt, metrics = compiled[b["input_ids"].shape](params, opt, b)
+            float(metrics["loss"])
+            times.append(time.perf_counter() - t0)
+        step_rate = stage.batch_size / float(np.median(times[1:]))
+    return {"pipeline": pipeline_rate, "step": step_rate, "batch": int(stage.batch_size)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=96)
@@ -113,7 +166,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10, help="timed batches per configuration")
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating repetitions per configuration")
+    parser.add_argument("--job-steps", type=int, default=20, help="timed default-job train steps")
+    parser.add_argument("--default-job-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.default_job_worker:
+        print(json.dumps(default_job_rates(batches=args.batches * 3, steps=args.job_steps)))
+        return
 
     import torch
 
@@ -128,23 +187,38 @@ def main() -> None:
         )
         print(f"{args.records} mini-EmoBench images -> {args.image_size}px, batch {args.batch}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        print(f"{'workers':>7} {'grain samples/s':>16} {'torch samples/s':>16} {'ratio':>7}")
+        rates: dict[tuple[str, int], list[float]] = {}
+        for r in range(args.rounds):
+            for w in args.workers if r % 2 == 0 else args.workers[::-1]:
+                ours_it = pipeline.make_train_iterator(dataclasses.replace(spec, worker_count=w),
+                                                       tokenizer=tok, process_index=0, process_count=1)
+                rates.setdefault(("grain", w), []).append(measure(ours_it, args.batches, args.batch))
+                loader = torch.utils.data.DataLoader(
+                    TorchEmoBench(path, tok_dir, args.image_size), batch_size=args.batch, shuffle=True,
+                    num_workers=w, collate_fn=torch_collate, drop_last=True,
+                    persistent_workers=False, generator=torch.Generator().manual_seed(0),
+                )
+
+                def forever(loader=loader):
+                    while True:
+                        yield from loader
+
+                rates.setdefault(("torch", w), []).append(measure(forever(), args.batches, args.batch))
+        print(f"{'workers':>7} {'grain samples/s':>16} {'torch samples/s':>16} {'ratio':>7}   (medians of "
+              f"{args.rounds})")
         for w in args.workers:
-            ours_it = pipeline.make_train_iterator(dataclasses.replace(spec, worker_count=w), tokenizer=tok,
-                                                   process_index=0, process_count=1)
-            ours = measure(ours_it, args.batches, args.batch)
-            loader = torch.utils.data.DataLoader(
-                TorchEmoBench(path, tok_dir, args.image_size), batch_size=args.batch, shuffle=True,
-                num_workers=w, collate_fn=torch_collate, drop_last=True,
-                persistent_workers=False, generator=torch.Generator().manual_seed(0),
-            )
-
-            def forever(loader=loader):
-                while True:
-                    yield from loader
-
-            theirs = measure(forever(), args.batches, args.batch)
+            ours, theirs = (float(np.median(rates[(side, w)])) for side in ("grain", "torch"))
             print(f"{w:>7} {ours:>16.1f} {theirs:>16.1f} {ours / theirs:>7.2f}")
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, __file__, "--default-job-worker", "--batches", str(args.batches),
+                          "--job-steps", str(args.job_steps)], env=env, check=True, capture_output=True,
+                         text=True)
+    job = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"default job (tiny, stage 2, batch {job['batch']}, in-process pipeline): pipeline "
+          f"{job['pipeline']:.0f} samples/s, train step consumes {job['step']:.0f} samples/s -> "
+          f"{job['pipeline'] / job['step']:.1f}x; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ Same shapes on both sides: the `mid` decoder (hidden 512, inter 1376, 8 layers, 
   eager (`torch_lm`) and under `torch.compile` (`torch_lm_compile`);
 - multimodal: the tiny CLIP tower (64 px, patch 16, hidden 64, 2 layers) + projector (`jax_mvp`,
   `jax_mlp2x_gelu`) in front, one image (16 visual tokens) per sample, vs HF LlavaForConditionalGeneration
-  (`torch_llava`, mlp2x_gelu: HF has no MVP).
+  (`torch_llava`, `torch_llava_compile`; mlp2x_gelu: HF has no MVP).
 Each variant runs in its own process (JAX and torch in one process slow each other's thread pools), variants
 alternate in order and reverse order, and medians are compared; "vs torch" divides by the faster of the
 torch runs of the same model. The compile column is JAX's `lower().compile()` (torch: its first step, which
 includes torch.compile's compilation). The machine load (1-minute average) is printed with the table.
+MFU divides the model FLOPs of a step (6 x matmul params x tokens + attention, every position's logits counted
+although unsupervised chunks are skipped) by the fp32 2048^3 matmul peak measured by JAX in this run.
 
     python benchmarks/bench_train.py --rounds 3 --steps 3
     python benchmarks/bench_train.py --variants torch_lm,jax_lm,jax_lm_bf16
@@ -30,9 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V, IMAGE_ID = 8, 256, 32000, 4
 LM = dict(vocab_size=V, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8)
-LOSS_CHUNK = 32  # positions per fused cross-entropy chunk (config.train.loss_chunk); 6% faster than 0 here
+# Positions per fused cross-entropy chunk (config.train.loss_chunk); chunks with no answer token are skipped,
+# here 7 of 8 (HF computes the logits of every position, then masks the loss).
+LOSS_CHUNK = 32
 VARIANTS = (
-    "torch_lm", "torch_lm_compile", "jax_lm", "jax_lm_bf16", "torch_llava", "jax_mvp", "jax_mlp2x_gelu",
+    "torch_lm", "torch_lm_compile", "jax_lm", "jax_lm_bf16", "torch_llava", "torch_llava_compile", "jax_mvp",
+    "jax_mlp2x_gelu", "jax_mvp_bf16",
 )
 
 
@@ -46,7 +51,7 @@ def _inputs(np):
     return ids, loss_mask, pixels
 
 
-def worker_jax(projector: str, steps: int) -> dict:
+def worker_jax(projector: str, steps: int, dtype: str = "float32") -> dict:
     import importlib.util
 
     import jax
@@ -59,6 +64,7 @@ def worker_jax(projector: str, steps: int) -> dict:
     spec.loader.exec_module(emobench)
     config = emobench.get_config("mid")
     config.model.projector.kind = projector
+    config.model.vision.dtype = config.model.text.dtype = dtype
     config.train.loss_chunk = LOSS_CHUNK
     config.stages.emotional.update(batch_size=B, grad_clip=0.0, weight_decay=0.0, warmup_ratio=0.0)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -178,7 +184,7 @@ def worker_torch_lm(steps: int, compile_model: bool) -> dict:
     return _time_torch_steps(opt, lambda: forward(input_ids=input_ids, labels=labels).loss, steps)
 
 
-def worker_torch(steps: int) -> dict:
+def worker_torch(steps: int, compile_model: bool) -> dict:
     import numpy as np
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -198,9 +204,17 @@ def worker_torch(steps: int) -> dict:
     labels = input_ids.clone()
     labels[torch.from_numpy(np.roll(loss_mask, 1, 1)) == 0] = -100
     pixel_values = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    forward = torch.compile(model) if compile_model else model
 
     return _time_torch_steps(
-        opt, lambda: model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss, steps)
+        opt, lambda: forward(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss, steps)
+
+
+def worker_peak() -> dict:
+    import emollm_jax  # noqa: F401
+    from emollm_jax.flops import measure_matmul_flops
+
+    return {"peak": measure_matmul_flops(repeats=10)}
 
 
 def _run(variant: str, steps: int) -> dict:
@@ -212,18 +226,22 @@ def _run(variant: str, steps: int) -> dict:
 
 
 def _worker(variant: str, steps: int) -> dict:
+    if variant == "peak":
+        return worker_peak()
     if variant in ("torch_lm", "torch_lm_compile"):
         return worker_torch_lm(steps, compile_model=variant.endswith("compile"))
-    if variant == "torch_llava":
-        return worker_torch(steps)
+    if variant in ("torch_llava", "torch_llava_compile"):
+        return worker_torch(steps, compile_model=variant.endswith("compile"))
     if variant in ("jax_lm", "jax_lm_bf16"):
         return worker_jax_lm("bfloat16" if variant.endswith("bf16") else "float32", steps)
+    if variant.endswith("_bf16"):
+        return worker_jax(variant.removeprefix("jax_").removesuffix("_bf16"), steps, "bfloat16")
     return worker_jax(variant.removeprefix("jax_"), steps)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=VARIANTS)
+    p.add_argument("--worker", choices=(*VARIANTS, "peak"))
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
     p.add_argument("--rounds", type=int, default=3, help="processes per variant")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -232,24 +250,23 @@ def main() -> None:
         print(json.dumps(_worker(args.worker, args.steps)))
         return
 
-    sys.path.insert(0, str(ROOT))
-    from emollm_jax.flops import device_peak_flops
-
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     loads = []
+    peaks = [_run("peak", 0)["peak"]]
     for r in range(args.rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
             loads.append(os.getloadavg()[0])
             runs[v].append(_run(v, args.steps))
-    peak, source = device_peak_flops()
+    peaks.append(_run("peak", 0)["peak"])
+    peak, source = max(peaks), "best JAX fp32 2048^3 matmul, before and after the runs"
     med = {v: statistics.median(x["step_s"] for x in runs[v]) for v in variants}
     torch_best = {
         "lm": min((med[v] for v in ("torch_lm", "torch_lm_compile") if v in med), default=None),
-        "llava": med.get("torch_llava"),
+        "llava": min((med[v] for v in ("torch_llava", "torch_llava_compile") if v in med), default=None),
     }
     print(f"train step, batch {B} x {T} tokens, CPU, fp32 master weights, medians of {args.rounds} processes "
           f"x {args.steps} steps; peak {peak / 1e9:.0f} GFLOP/s ({source}); load avg during the runs "
