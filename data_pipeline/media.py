@@ -99,8 +99,11 @@ def preprocess_image(
         pil = pil.crop((left, top, left + size, top + size))
     else:
         raise ValueError(f"unknown preprocessing mode {mode!r}; expected 'pad' or 'crop'")
-    x = np.asarray(pil, dtype=np.float32) * np.float32(1.0 / 255.0)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    # (x / 255 - mean) / std as one scale and one shift, in place: two passes over the pixels instead of four
+    std32 = np.asarray(std, np.float32)
+    out = np.multiply(np.asarray(pil), np.float32(1.0 / 255.0) / std32, dtype=np.float32)
+    out -= np.asarray(mean, np.float32) / std32
+    return out
 
 
 def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:

@@ -22,6 +22,7 @@ A record holds images or a video, not both. Paths are relative to a data root an
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -341,11 +342,17 @@ def _check_length(texts, max_chars, length_fn, max_tokens, err) -> None:
                 "truncated")
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: str, cwd: str) -> Path:
+    """The data root, resolved once per (root, working directory): every record's media path needs it."""
+    return Path(cwd, root).resolve()
+
+
 def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Path:
     """`data_root / path`; ValueError for an absolute path or one that resolves outside the root."""
     if os.path.isabs(path):
         raise ValueError(f"absolute path {path!r} refused; media paths are relative to the data root")
-    root = Path(data_root if data_root is not None else ".").resolve()
+    root = _resolved_root(str(data_root if data_root is not None else "."), os.getcwd())
     full = (root / path).resolve()
     if not full.is_relative_to(root):
         raise ValueError(f"path {path!r} resolves to {full}, outside the data root {root}")
