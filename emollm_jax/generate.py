@@ -25,9 +25,9 @@ from emollm_jax.models.emollm import EmoLLM, check_media_tokens
 from emollm_jax.models.llama import init_cache
 
 
-def _text_config(model: nnx.Module):
-    """The decoder config (an EmoLLM keeps its decoder in ``.llm``)."""
-    return getattr(model, "llm", model).config
+def _decoder(model: nnx.Module):
+    """The LlamaForCausalLM (an EmoLLM keeps its decoder in ``.llm``)."""
+    return getattr(model, "llm", model)
 
 
 def greedy_token(logits: jax.Array) -> jax.Array:
@@ -81,9 +81,9 @@ def make_generate_fn(
 
     def run(state, input_ids, attention_mask, pixel_values, frame_media, rng):
         model = nnx.merge(graphdef, state)
-        decoder = getattr(model, "llm", model)
+        decoder = _decoder(model)
         b, t = input_ids.shape
-        cache = init_cache(_text_config(model), b, t + max_new_tokens)
+        cache = init_cache(decoder.config, b, t + max_new_tokens)
         media = {} if pixel_values is None else {"pixel_values": pixel_values, "frame_media": frame_media}
         hidden, cache = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True,
                               **media)

@@ -84,12 +84,17 @@ def token_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax
     return total / jnp.maximum(count, 1.0), count
 
 
+def _masked_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed masked negative log-likelihood, logsumexp per position) of float32 logits."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * mask), lse
+
+
 def _ce_chunk(fn: Callable, consts: list, h: jax.Array, targets: jax.Array, mask: jax.Array):
     """Summed masked cross-entropy of one chunk and its gradients w.r.t. (consts, h)."""
     logits, pullback = jax.vjp(lambda c, x: fn(x, *c).astype(jnp.float32), consts, h)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    loss = jnp.sum((lse - picked) * mask)
+    loss, lse = _masked_nll(logits, targets, mask)
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
     dlogits = (jnp.exp(logits - lse[..., None]) - onehot) * mask[..., None]
     dconsts, dh = pullback(dlogits)
@@ -101,9 +106,7 @@ def _fused_ce(fn: Callable, consts: list, h: jax.Array, targets: jax.Array, mask
     """Summed cross-entropy; h float[N, B, C, D], targets int32[N, B, C], mask float32[N, B, C] (N chunks)."""
 
     def chunk_loss(hc, tc, mc):
-        logits = fn(hc, *consts).astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mc)
+        return _masked_nll(fn(hc, *consts).astype(jnp.float32), tc, mc)[0]
 
     def body(total, x):
         hc, tc, mc = x

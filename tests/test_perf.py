@@ -70,7 +70,7 @@ def test_fused_loss_gradients_equal_plain_autodiff_through_the_decoder():
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
         return jnp.sum(nll * mask) / jnp.sum(mask)
 
-    ragged = np.zeros((B, T), np.float32)  # answers at different places; rows and 8-position chunks without
+    ragged = np.zeros((B, T), np.float32)  # answers in different places; a row and chunks with none
     ragged[0, 20:24], ragged[2, 5:7], ragged[3, 28:] = 1.0, 1.0, 1.0
     for mask in (half, jnp.asarray(ragged)):
         ref, g_ref = jax.value_and_grad(plain)(params, mask)
