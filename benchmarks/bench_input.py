@@ -113,17 +113,12 @@ def measure(batches, n_batches: int, batch_size: int) -> float:
 
 def default_job_rates(batches: int, steps: int) -> dict:
     """(pipeline samples/s, train-step samples/s) of the default job's emotional stage, same process."""
-    import importlib.util
-
     import jax
 
     from emollm_jax import experiment, sharding, train
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("emobench", os.path.join(root, "configs", "emobench.py"))
-    emobench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emobench)
-    config = emobench.get_config("tiny")
+    config = experiment.load_config(os.path.join(root, "configs", "emobench.py"), "tiny")
     with tempfile.TemporaryDirectory() as workdir:
         setup = experiment.prepare_data(config, workdir)
         tokenizer = experiment.load_tokenizer(setup)

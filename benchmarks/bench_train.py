@@ -52,17 +52,12 @@ def _inputs(np):
 
 
 def worker_jax(projector: str, steps: int, dtype: str = "float32") -> dict:
-    import importlib.util
-
     import jax
     import numpy as np
 
     from emollm_jax import experiment, flops, sharding, train
 
-    spec = importlib.util.spec_from_file_location("emobench", ROOT / "configs" / "emobench.py")
-    emobench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emobench)
-    config = emobench.get_config("mid")
+    config = experiment.load_config(ROOT / "configs" / "emobench.py", "mid")
     config.model.projector.kind = projector
     config.model.vision.dtype = config.model.text.dtype = dtype
     config.train.loss_chunk = LOSS_CHUNK

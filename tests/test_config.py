@@ -173,3 +173,11 @@ def test_vicuna_tokenizer_keeps_its_vocab_and_marks_images_outside_it(tmp_path):
     c.model.text.vocab_size = tokenizer.vocab_size
     cfg = experiment.model_config(c, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
     assert cfg.image_token_id == -200 and cfg.text.vocab_size == base_vocab
+
+
+def test_load_config_reads_a_variant_from_the_file():
+    from emollm_jax.experiment import load_config
+
+    mid = load_config(_PATH, "mid")
+    assert mid.variant == "mid" and mid.model.text.hidden_size == 512
+    assert load_config(_PATH).variant == "tiny"
