@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from emollm_jax.models.clip import CLIPConfig
+from emollm_jax.models.llama import LlamaConfig
+from emollm_jax.models.projectors import MVPConfig
 from emollm_jax.sharding import DEFAULT_RULES, MESH_AXES
 
 VARIANTS = ("tiny", "vicuna7b", "mid")
@@ -56,19 +59,15 @@ def _base() -> ml_collections.ConfigDict:
     c.variant = "tiny"
     c.seed = 0
 
+    # Each part block names a registered kind (emollm_jax.models.parts) and that kind's fields.
     c.model = ml_collections.ConfigDict()
-    c.model.vision = ml_collections.ConfigDict(dict(
-        image_size=64, patch_size=16, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
-        layer_norm_eps=1e-5, hidden_act="quick_gelu", num_channels=3, dtype="float32", param_dtype="float32",
-        remat=False))
-    c.model.projector = ml_collections.ConfigDict(dict(
-        kind="mvp", perspectives=("token", "relation", "multilevel", "global"), tau=0.5, gcn_layers=1,
-        levels=(-1, -2, -3), fusion="gated_sum", global_pool="cls"))
-    c.model.text = ml_collections.ConfigDict(dict(
+    c.model.vision = CLIPConfig.block(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256,
+                                      num_layers=2, num_heads=4)
+    c.model.projector = MVPConfig.block(levels=(-1, -2, -3))
+    c.model.text = LlamaConfig.block(
         vocab_size=0,  # 0: taken from the tokenizer
-        hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6,
-        rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=False, model_type="llama",
-        dtype="float32", param_dtype="float32", remat=False))
+        hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=1024)
     c.model.image_token_id = -1  # -1: the tokenizer's <image> id; else the id used when it has none
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select = "patch"

@@ -16,9 +16,6 @@ import jax
 import ml_collections
 
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
-from emollm_jax.models.llama import LlamaConfig
-from emollm_jax.models.projectors import ProjectorConfig
-from emollm_jax.models.vit import VisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +40,24 @@ def load_config(path: str | os.PathLike, variant: str | None = None) -> ml_colle
     return module.get_config(variant)
 
 
-def _to_dict(cd: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cd.to_dict().items()}
-
-
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
                  image_token_id: int | None = None, freeze_vision: bool = True) -> EmoLLMConfig:
     """`EmoLLMConfig` from `config.model`; `vocab_size` / `image_token_id` fill the "from tokenizer" values
     (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would fall off it)."""
     m = config.model
-    text = _to_dict(m.text)
-    if text["vocab_size"] <= 0:
+    vocab = int(m.text.vocab_size)
+    if vocab <= 0:
         if vocab_size is None:
             raise ValueError("config.model.text.vocab_size is 0 (from tokenizer) but no tokenizer was given")
-        text["vocab_size"] = vocab_size
-    elif vocab_size is not None and vocab_size > text["vocab_size"]:
-        raise ValueError(f"config.model.text.vocab_size={text['vocab_size']} < tokenizer vocab {vocab_size}")
+        vocab = vocab_size
+    elif vocab_size is not None and vocab_size > vocab:
+        raise ValueError(f"config.model.text.vocab_size={vocab} < tokenizer vocab {vocab_size}")
     # The tokenizer's id wins: it is what the pipeline writes. The config's id (-1 = from the tokenizer) only
     # tells a tokenizer without an <image> token which id to use, e.g. original LLaVA's out-of-vocab -200.
     image_id = image_token_id if image_token_id is not None else m.image_token_id
     if image_id == -1:
         raise ValueError("config.model.image_token_id is -1 (from tokenizer) but no tokenizer was given")
-    return EmoLLMConfig(
-        vision=VisionConfig(**_to_dict(m.vision)),
-        projector=ProjectorConfig(**_to_dict(m.projector)),
-        text=LlamaConfig(**text),
-        image_token_id=int(image_id),
-        vision_feature_layer=m.vision_feature_layer,
-        vision_feature_select=m.vision_feature_select,
-        video_pooling=m.video_pooling,
-        freeze_vision=freeze_vision,
-    )
+    return EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, freeze_vision=freeze_vision)
 
 
 def _record_texts(root: str, split: str, template: str = "vicuna_v1") -> list[str]:

@@ -47,27 +47,6 @@ def _mult(trained: bool, grad_flows: bool) -> float:
     return 1.0 + float(grad_flows or trained) + float(trained)
 
 
-def decoder_flops(text, batch: int, seq_len: int, *, trained: bool, grad_flows: bool = True) -> float:
-    """Decoder matmuls (q/k/v/o, SwiGLU, lm_head) + causal attention for `batch` sequences of `seq_len`."""
-    d, hd = text.hidden_size, text.head_dim or text.hidden_size // text.num_heads
-    attn_w = d * hd * (2 * text.num_heads + 2 * text.num_kv_heads)
-    mlp_w = 3 * d * text.intermediate_size
-    n_matmul = text.num_layers * (attn_w + mlp_w) + d * text.vocab_size
-    tokens = batch * seq_len
-    dense = 2.0 * n_matmul * tokens
-    attention = 2.0 * 2.0 * text.num_layers * text.num_heads * hd * seq_len * tokens / 2.0  # causal: half
-    return _mult(trained, grad_flows) * (dense + attention)
-
-
-def vision_flops(vision, frames: int, *, trained: bool, grad_flows: bool) -> float:
-    """ViT over `frames` frames: patch embedding + encoder layers (full attention over P+1 tokens)."""
-    d = vision.hidden_size
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    patch = 2.0 * (vision.patch_size**2 * vision.num_channels) * d * (tokens - 1)
-    per_layer = 2.0 * tokens * (4 * d * d + 2 * d * vision.intermediate_size) + 4.0 * tokens * tokens * d
-    return _mult(trained, grad_flows) * frames * (patch + vision.num_layers * per_layer)
-
-
 def projector_flops(num_params: int, frames: int, patches: int, *, trained: bool) -> float:
     """Approximation: every projector weight is used once per patch token (exact for MLPs; MVP's graph
     aggregation and gates are small next to its projections)."""
@@ -77,16 +56,16 @@ def projector_flops(num_params: int, frames: int, patches: int, *, trained: bool
 def step_flops(model_cfg, *, batch: int, seq_len: int, frames: int, projector_params: int,
                trainable: tuple[str, ...] | set[str]) -> StepFlops:
     """FLOPs of one step for an `EmoLLMConfig` and a batch of `batch` x `seq_len` tokens with `frames` real
-    frames; `trainable` are the stage's groups (vision / projector / llm / lora)."""
+    frames; `trainable` are the stage's groups (vision / projector / llm / lora). Each part gives its own
+    forward FLOPs (`forward_flops`); this adds the backward passes the stage runs."""
     trainable = set(trainable)
     llm_trained = "llm" in trainable or "lora" in trainable
-    vision_trained = "vision" in trainable
-    vision_grad = vision_trained and not model_cfg.freeze_vision
-    patches = (model_cfg.vision.image_size // model_cfg.vision.patch_size) ** 2
+    vision_grad = "vision" in trainable and not model_cfg.freeze_vision
     return StepFlops(
-        decoder=decoder_flops(model_cfg.text, batch, seq_len, trained=llm_trained),
-        vision=vision_flops(model_cfg.vision, frames, trained=vision_grad, grad_flows=vision_grad),
-        projector=projector_flops(projector_params, frames, patches, trained="projector" in trainable),
+        decoder=_mult(llm_trained, True) * model_cfg.text.forward_flops(batch, seq_len),
+        vision=_mult(vision_grad, vision_grad) * model_cfg.vision.forward_flops(frames),
+        projector=projector_flops(projector_params, frames, model_cfg.vision.num_patches,
+                                  trained="projector" in trainable),
     )
 
 

@@ -15,8 +15,9 @@ from safetensors.numpy import load_file, save_file
 
 from emollm_jax.convert import CheckpointError, load_hf, open_checkpoint, save_hf
 from emollm_jax.convert.__main__ import main as cli
-from emollm_jax.convert.core import abstract_model, families, fill_model
-from emollm_jax.convert.llama import llama_key_map
+from emollm_jax.convert.core import abstract_model, fill_model
+from emollm_jax.convert.hf import families
+from emollm_jax.convert.keymap import KeyMap
 from emollm_jax.convert.orbax_params import load_params
 
 LLM = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -97,7 +98,7 @@ def test_vision_half_of_clip_model(tmp_path):
     ours = load_hf(tmp_path)
     with torch.no_grad():
         ref = full.vision_model(torch.tensor(PIXELS)).pooler_output.numpy()
-    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(PIXELS.transpose(0, 2, 3, 1))).pooler_output), ref,
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(PIXELS.transpose(0, 2, 3, 1))).pooled), ref,
                                atol=1e-4)
 
 
@@ -204,7 +205,7 @@ def test_tensors_stream_one_at_a_time(llama_dir):
 
     fam = next(f for f in families() if f.name == "llama")
     config = fam.config_from_hf(json.loads((path / "config.json").read_text()))
-    fill_model(abstract_model(fam, config), source, llama_key_map(config), shardings=put)
+    fill_model(abstract_model(fam, config), source, KeyMap.table(config.hf_key_table()), shardings=put)
     assert events == ["read", "put"] * len(source.keys())  # each tensor is placed before the next is read
 
 

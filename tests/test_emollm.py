@@ -9,11 +9,11 @@ from flax import nnx
 import emollm_jax  # noqa: F401  (flax config first)
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig, check_media_tokens, visual_tokens_per_media
 from emollm_jax.models.llama import LlamaConfig, init_cache
-from emollm_jax.models.projectors import ProjectorConfig
-from emollm_jax.models.vit import VisionConfig
+from emollm_jax.models.clip import CLIPConfig
+from emollm_jax.models.projectors import MLPProjectorConfig, MVPConfig
 
 IMG = 5  # image token id (inside the vocab)
-VISION = VisionConfig(
+VISION = CLIPConfig(
     image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4
 )  # 4 patches / frame
 TEXT = LlamaConfig(
@@ -22,7 +22,7 @@ TEXT = LlamaConfig(
 
 
 def _cfg(**kw):
-    kw.setdefault("projector", ProjectorConfig())
+    kw.setdefault("projector", MLPProjectorConfig())
     return EmoLLMConfig(vision=VISION, text=TEXT, image_token_id=IMG, **kw)
 
 
@@ -136,7 +136,7 @@ def test_freeze_vision_stops_gradients():
 
 @pytest.mark.parametrize("fusion,per_frame", [("sum", 4), ("concat", 13)])
 def test_mvp_in_the_model(fusion, per_frame):
-    m = EmoLLM(_cfg(projector=ProjectorConfig(kind="mvp", fusion=fusion, levels=(-1, -2))), rngs=nnx.Rngs(0))
+    m = EmoLLM(_cfg(projector=MVPConfig(fusion=fusion, levels=(-1, -2))), rngs=nnx.Rngs(0))
     assert visual_tokens_per_media(m.config, 1) == per_frame
     ids = _ids([[(0, per_frame)]], per_frame + 3)
     out = m(ids, pixel_values=_pixels(1, 1))
@@ -171,6 +171,6 @@ def test_config_validation():
     with pytest.raises(ValueError, match="vision_feature_layer=-5"):
         _cfg(vision_feature_layer=-5)
     with pytest.raises(ValueError, match="projector.levels=7"):
-        _cfg(projector=ProjectorConfig(kind="mvp", levels=(-1, 7)))
+        _cfg(projector=MVPConfig(levels=(-1, 7)))
     with pytest.raises(ValueError, match="video_pooling"):
         _cfg(video_pooling="max")

@@ -12,8 +12,8 @@ import emollm_jax  # noqa: F401  (flax config first)
 from emollm_jax.generate import generate, greedy_token, make_generate_fn, sample_token
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from emollm_jax.models.projectors import ProjectorConfig
-from emollm_jax.models.vit import VisionConfig
+from emollm_jax.models.clip import CLIPConfig
+from emollm_jax.models.projectors import MLPProjectorConfig, MVPConfig
 
 V, PAD, N_NEW = 64, 0, 12
 TEXT = LlamaConfig(
@@ -122,10 +122,10 @@ def test_repeated_calls_do_not_recompile(llm):
 
 
 def test_emollm_with_image_equals_no_cache_loop():
-    vision = VisionConfig(
+    vision = CLIPConfig(
         image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
     )
-    cfg = EmoLLMConfig(vision=vision, projector=ProjectorConfig(), text=TEXT, image_token_id=V - 1)
+    cfg = EmoLLMConfig(vision=vision, projector=MLPProjectorConfig(), text=TEXT, image_token_id=V - 1)
     model = EmoLLM(cfg, rngs=nnx.Rngs(1))
     ids, mask = _prompts([9, 7], 9, seed=5)
     ids[0, 2:6] = V - 1

@@ -196,9 +196,9 @@ def test_llava_towers_under_an_mvp_projector(hf_llava, ours):
     import ml_collections
 
     from emollm_jax import experiment
-    from emollm_jax.models.projectors import ProjectorConfig
+    from emollm_jax.models.projectors import MVPConfig
 
-    cfg = dataclasses.replace(ours.config, projector=ProjectorConfig(kind="mvp", levels=(-1, -2)))
+    cfg = dataclasses.replace(ours.config, projector=MVPConfig(levels=(-1, -2)))
     model = EmoLLM(cfg, rngs=nnx.Rngs(0))
     fresh_projector = jax.tree.map(np.asarray, nnx.state(model.projector, nnx.Param))
     config = ml_collections.ConfigDict({"init": {"hf": "", "llm": "", "vision": "", "params": ""}})

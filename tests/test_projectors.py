@@ -8,28 +8,25 @@ from flax import nnx
 from jax.scipy.special import erf
 
 import emollm_jax  # noqa: F401  (flax config first)
-from emollm_jax.models.projectors import (
-    ProjectorConfig,
-    build_projector,
-    num_output_tokens,
-    similarity_graph,
-)
+from emollm_jax.configuration import ConfigError
+from emollm_jax.models.parts import PROJECTORS, VisualFeatures, part_config
+from emollm_jax.models.projectors import LinearProjectorConfig, MLPProjectorConfig, MVPConfig, similarity_graph
 
 DV, D, N, P, L = 12, 20, 3, 6, 3
 
 
 def _features(seed=0, n=N, p=P):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    return {
-        "patches": jax.random.normal(k1, (n, p, DV)),
-        "levels": jax.random.normal(k2, (L, n, p, DV)),
-        "cls": jax.random.normal(k3, (n, DV)),
-    }
+    return VisualFeatures(
+        patches=jax.random.normal(k1, (n, p, DV)),
+        levels=jax.random.normal(k2, (L, n, p, DV)),
+        cls=jax.random.normal(k3, (n, DV)),
+    )
 
 
 def _mvp(seed=0, **kw):
-    cfg = ProjectorConfig(kind="mvp", levels=(-1, -2, -3), **kw)
-    return cfg, build_projector(cfg, DV, D, nnx.Rngs(seed))
+    cfg = MVPConfig(levels=(-1, -2, -3), **kw)
+    return cfg, cfg.build(DV, D, rngs=nnx.Rngs(seed))
 
 
 def _mlp(mlp, x):
@@ -53,27 +50,29 @@ def _mlp(mlp, x):
     ],
 )
 def test_shapes_and_token_counts(kw):
-    cfg = ProjectorConfig(levels=(-1, -2, -3), **kw)
-    out = build_projector(cfg, DV, D, nnx.Rngs(0))(_features())
-    assert out.shape == (N, num_output_tokens(cfg, P), D)
+    kw = dict(kw)
+    cls = PROJECTORS.get(kw.pop("kind"))
+    cfg = cls(levels=(-1, -2, -3), **kw) if cls is MVPConfig else cls(**kw)
+    out = cfg.build(DV, D, rngs=nnx.Rngs(0))(_features())
+    assert out.shape == (N, cfg.num_output_tokens(P), D)
     assert np.isfinite(np.asarray(out)).all()
 
 
 def test_token_counts_by_fusion():
-    assert num_output_tokens(ProjectorConfig(), 576) == 576
-    assert num_output_tokens(ProjectorConfig(kind="mvp", fusion="sum"), 576) == 576
-    assert num_output_tokens(ProjectorConfig(kind="mvp", fusion="concat"), 16) == 3 * 16 + 1
-    cfg = ProjectorConfig(kind="mvp", fusion="concat", perspectives=("token", "multilevel"))
-    assert num_output_tokens(cfg, 16) == 32
+    assert MLPProjectorConfig().num_output_tokens(576) == 576
+    assert LinearProjectorConfig().num_output_tokens(576) == 576
+    assert MVPConfig(fusion="sum").num_output_tokens(576) == 576
+    assert MVPConfig(fusion="concat").num_output_tokens(16) == 3 * 16 + 1
+    cfg = MVPConfig(fusion="concat", perspectives=("token", "multilevel"))
+    assert cfg.num_output_tokens(16) == 32
 
 
 def test_mlp2x_is_linear_exact_gelu_linear():
-    cfg = ProjectorConfig(kind="mlp2x_gelu")
-    proj = build_projector(cfg, DV, D, nnx.Rngs(1))
+    proj = MLPProjectorConfig().build(DV, D, rngs=nnx.Rngs(1))
     f = _features()
-    np.testing.assert_allclose(proj(f), _mlp(proj, f["patches"]), atol=1e-5)
+    np.testing.assert_allclose(proj(f), _mlp(proj, f.patches), atol=1e-5)
     # The tanh approximation differs measurably on the same inputs, so this test tells the two apart.
-    h = f["patches"] @ proj.linear_1.kernel[...] + proj.linear_1.bias[...]
+    h = f.patches @ proj.linear_1.kernel[...] + proj.linear_1.bias[...]
     tanh_out = jax.nn.gelu(h, approximate=True) @ proj.linear_2.kernel[...] + proj.linear_2.bias[...]
     assert np.abs(np.asarray(proj(f) - tanh_out)).max() > 1e-5
 
@@ -87,7 +86,7 @@ def test_graph_hand_built():
 
 
 def test_graph_thresholds_identity_and_complete():
-    x = _features()["patches"]
+    x = _features().patches
     np.testing.assert_allclose(similarity_graph(x, 1.01), np.broadcast_to(np.eye(P), (N, P, P)), atol=1e-7)
     np.testing.assert_allclose(similarity_graph(x, -1.01), np.full((N, P, P), 1.0 / P), atol=1e-6)
 
@@ -95,7 +94,7 @@ def test_graph_thresholds_identity_and_complete():
 def test_relation_identity_graph_is_per_token_gcn_then_mlp():
     _, proj = _mvp(tau=1.01, gcn_layers=2, fusion="sum")
     rel = proj.relation
-    x = _features()["patches"]
+    x = _features().patches
     h = x
     for layer in rel.gcn:
         h = jax.nn.gelu(h @ layer.kernel[...] + layer.bias[...], approximate=False)
@@ -104,7 +103,7 @@ def test_relation_identity_graph_is_per_token_gcn_then_mlp():
 
 def test_relation_complete_graph_gives_equal_tokens():
     _, proj = _mvp(tau=-1.01, fusion="sum")
-    out = np.asarray(proj.relation(_features()["patches"]))
+    out = np.asarray(proj.relation(_features().patches))
     np.testing.assert_allclose(out, np.broadcast_to(out[:, :1], out.shape), atol=1e-5)
     assert not np.allclose(out[0, 0], out[1, 0])  # different images still differ
 
@@ -112,9 +111,8 @@ def test_relation_complete_graph_gives_equal_tokens():
 def test_zero_vectors_are_safe_and_gradients_finite():
     cfg, proj = _mvp(fusion="gated_sum")
     f = _features()
-    f["patches"] = f["patches"].at[:, :2].set(0.0)  # zero patches (e.g. padding frames)
-    f["levels"] = f["levels"].at[:, 0].set(0.0)
-    f["cls"] = f["cls"].at[0].set(0.0)
+    f = f._replace(patches=f.patches.at[:, :2].set(0.0),  # zero patches (e.g. padding frames)
+                   levels=f.levels.at[:, 0].set(0.0), cls=f.cls.at[0].set(0.0))
     graphdef, params = nnx.split(proj, nnx.Param)
 
     def loss(params, feats):
@@ -139,7 +137,7 @@ def test_gated_sum_starts_as_sum_and_gates_then_change_it():
 def test_global_is_broadcast_added_to_every_token():
     _, proj = _mvp(fusion="sum")
     f1 = _features()
-    f2 = dict(f1, cls=f1["cls"] + 1.0)
+    f2 = f1._replace(cls=f1.cls + 1.0)
     delta = np.asarray(proj(f2) - proj(f1))
     np.testing.assert_allclose(delta, np.broadcast_to(delta[:, :1], delta.shape), atol=1e-5)
     assert np.abs(delta).max() > 1e-3
@@ -152,13 +150,13 @@ def test_concat_order_and_global_token():
     out = proj(f)
     np.testing.assert_allclose(out[:, :P], ys["token"], atol=1e-6)
     np.testing.assert_allclose(out[:, P : 2 * P], ys["relation"], atol=1e-6)
-    np.testing.assert_allclose(out[:, -1], _mlp(proj.global_, f["cls"]), atol=1e-5)
+    np.testing.assert_allclose(out[:, -1], _mlp(proj.global_, f.cls), atol=1e-5)
 
 
 def test_multilevel_weights_select_levels():
     _, proj = _mvp(fusion="sum")
     ml = proj.multilevel
-    levels = _features()["levels"]
+    levels = _features().levels
     ml.level_logits[...] = jnp.array([0.0, 30.0, 0.0])
     np.testing.assert_allclose(ml(levels), _mlp(ml.mlp, ml.norms[1](levels[1])), atol=1e-4)
     ml.level_logits[...] = jnp.zeros(3)
@@ -169,7 +167,7 @@ def test_multilevel_weights_select_levels():
 def test_global_pool_mean_ignores_cls():
     _, proj = _mvp(fusion="concat", global_pool="mean")
     f = _features()
-    np.testing.assert_allclose(proj(f), proj(dict(f, cls=f["cls"] * 0 + 5)), atol=1e-6)
+    np.testing.assert_allclose(proj(f), proj(f._replace(cls=f.cls * 0 + 5)), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -182,11 +180,20 @@ def test_global_pool_mean_ignores_cls():
         ({"kind": "mvp", "gcn_layers": 0}, "gcn_layers"),
         ({"kind": "mvp", "levels": ()}, "levels"),
         ({"kind": "mvp", "fusion": "sum", "perspectives": ("global",)}, "perspectives"),
+        ({"kind": "mvp", "tau": 3.0}, "tau"),
+        ({"kind": "mvp", "colour": 1}, "colour"),
     ],
 )
-def test_config_errors_name_the_field(kw, field):
-    with pytest.raises(ValueError, match=f"ProjectorConfig.{field}="):
-        ProjectorConfig(**kw)
+def test_config_errors_name_the_key(kw, field):
+    """The config block of a projector is checked by its registered kind; errors name the config key."""
+    with pytest.raises(ConfigError, match=rf"^config\.model\.projector\.{field}\b"):
+        part_config(PROJECTORS, kw, "model.projector")
+
+
+def test_a_block_keeps_other_kinds_keys_when_kind_switches():
+    """Switching `kind` on the command line leaves the MVP keys in the block: they are not this kind's."""
+    block = {**MVPConfig.block(tau=0.3), "kind": "mlp2x_gelu"}
+    assert part_config(PROJECTORS, block, "model.projector") == MLPProjectorConfig()
 
 
 def test_every_param_has_logical_names():

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from emollm_jax.convert import load_hf, save_hf
-from emollm_jax.convert.core import detect_family, read_hf_config
-from emollm_jax.convert.export import family_of
+from emollm_jax.convert.core import read_hf_config
+from emollm_jax.convert.hf import detect_family, family_of
 from emollm_jax.convert.llava import config_to_llava_hf, load_llava_original
 from emollm_jax.convert.orbax_params import load_params, save_params
 from emollm_jax.convert.safetensors_io import open_checkpoint

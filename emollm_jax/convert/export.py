@@ -11,17 +11,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emollm_jax.convert.core import Family, families, path_str
+from emollm_jax.convert.core import path_str
+from emollm_jax.convert.hf import family_of
 from emollm_jax.convert.safetensors_io import AtomicDir, write_safetensors
 
 _GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def family_of(model: nnx.Module) -> Family:
-    for fam in families():
-        if fam.model_type is not None and isinstance(model, fam.model_type) and fam.export_map is not None:
-            return fam
-    raise TypeError(f"no HF exporter registered for {type(model).__name__}")
 
 
 def hf_tensors(model: nnx.Module, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:

@@ -1,7 +1,8 @@
-"""HF Llava (``LlavaForConditionalGeneration``) and original LLaVA checkpoints <-> `EmoLLM` (mlp2x_gelu).
+"""HF Llava (``LlavaForConditionalGeneration``) and original LLaVA checkpoints <-> `EmoLLM`.
 
-An EmoLLM with the ``mlp2x_gelu`` projector is LLaVA-1.5; its three parts map as three tables nested under
-layout prefixes detected from the file's key names:
+An EmoLLM whose projector has an HF counterpart (``mlp2x_gelu``) is a LLaVA; its three parts map as the
+parts' own key tables nested under layout prefixes detected from the file's key names. The tower and the
+decoder are whichever registered parts the checkpoint's ``vision_config`` / ``text_config`` describe:
 
 | part      | ours          | transformers 5 (`save_pretrained`) | llava-hf hub files (transformers 4.x)  |
 |-----------|---------------|------------------------------------|----------------------------------------|
@@ -9,11 +10,10 @@ layout prefixes detected from the file's key names:
 | tower     | ``vision.``   | ``vision_tower.*``                 | ``vision_tower.vision_model.*``        |
 | projector | ``projector.``| ``multi_modal_projector.linear_{1,2}.{weight,bias}`` (both layouts)          |
 
-The decoder rows are `convert.llama`'s table, the tower rows `convert.clip`'s. Also read: the in-memory
-naming some 4.5x versions wrote (``model.language_model.*`` + ``lm_head.weight``, ``model.vision_tower.*``,
-``model.multi_modal_projector.*``). `save_hf` writes the transformers-5 layout.
+Also read: the in-memory naming some 4.5x versions wrote (``model.language_model.*`` + ``lm_head.weight``,
+``model.vision_tower.*``, ``model.multi_modal_projector.*``). `save_hf` writes the transformers-5 layout.
 
-Original LLaVA (haotian-liu/LLaVA: ``LlavaLlamaForCausalLM``) keeps a LLaMA checkpoint plus
+Original LLaVA (haotian-liu/LLaVA: ``LlavaLlamaForCausalLM``) keeps a decoder checkpoint plus
 ``model.mm_projector.{0,2}.*`` (``model.mm_projector.*`` for the linear projector) and names its CLIP tower
 in ``mm_vision_tower`` (a hub id); pass that tower's local directory to `load_llava_original`. Its prompts
 mark images with the placeholder id -200 (LLaVA's IMAGE_TOKEN_INDEX), the default ``image_token_id`` here.
@@ -22,51 +22,22 @@ mark images with the placeholder id -200 (LLaVA's IMAGE_TOKEN_INDEX), the defaul
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flax import nnx
 
-from emollm_jax.convert.clip import CLIP_VISION, clip_key_map
-from emollm_jax.convert.core import (
-    NONE,
-    TRANSPOSE,
-    Family,
-    KeyMap,
-    Rule,
-    abstract_model,
-    fill_model,
-    find_prefix,
-    read_hf_config,
-    register_family,
-)
-from emollm_jax.convert.llama import llama_key_map
+from emollm_jax.convert.core import Family, abstract_model, fill_model, read_hf_config
+from emollm_jax.convert.keymap import KeyMap, find_prefix
 from emollm_jax.convert.safetensors_io import CheckpointError, open_checkpoint
+from emollm_jax.models import catalog  # noqa: F401  (registers the parts a checkpoint may name)
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
-from emollm_jax.models.llama import LlamaConfig
-from emollm_jax.models.projectors import ProjectorConfig
-from emollm_jax.models.vit import VisionConfig
+from emollm_jax.models.parts import DECODERS, PROJECTORS, VISION_TOWERS, DecoderConfig, hf_part
 
 LLAVA_IMAGE_TOKEN_INDEX = -200  # original LLaVA's placeholder id for an image in input_ids
 
-_MLP_ROWS = [
-    # HF key (after the projector prefix)   our state path                  hook
-    ("linear_1.weight",                     "projector.linear_1.kernel",    TRANSPOSE),
-    ("linear_1.bias",                       "projector.linear_1.bias",      NONE),
-    ("linear_2.weight",                     "projector.linear_2.kernel",    TRANSPOSE),
-    ("linear_2.bias",                       "projector.linear_2.bias",      NONE),
-]  # fmt: skip
-_ORIGINAL_ROWS = {  # after "model.mm_projector."; nn.Sequential index 1 is the GELU
-    "mlp2x_gelu": [("0.weight", "projector.linear_1.kernel", TRANSPOSE),
-                   ("0.bias",   "projector.linear_1.bias",   NONE),
-                   ("2.weight", "projector.linear_2.kernel", TRANSPOSE),
-                   ("2.bias",   "projector.linear_2.bias",   NONE)],
-    "linear":     [("weight",   "projector.linear.kernel",   TRANSPOSE),
-                   ("bias",     "projector.linear.bias",     NONE)],
-}  # fmt: skip
-# (decoder body prefix, lm_head key) pairs; the body prefix replaces the LLaMA table's leading "model.".
+# (decoder body prefix, lm_head key) pairs; the body prefix replaces the decoder table's leading "model.".
 _LM_LAYOUTS = (
     ("language_model.model.", "language_model.lm_head.weight"),
     ("model.language_model.", "lm_head.weight"),
@@ -75,6 +46,8 @@ _VISION_PREFIXES = ("vision_tower.", "vision_tower.vision_model.", "model.vision
                     "model.vision_tower.vision_model.")  # fmt: skip
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 _SHARED = ("dtype", "param_dtype", "remat")  # overrides that apply to both the tower and the decoder
+# HF Llava's projector: LLaVA-1.5's two-layer MLP with GELU and biases.
+_HF_PROJECTOR = "mlp2x_gelu"
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -93,6 +66,18 @@ def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict]:
         else:
             raise TypeError(f"unknown EmoLLM config override {k!r}; known: {sorted(fields | set(_SHARED))}")
     return vision, text, top
+
+
+def _part(registry, hf: Mapping[str, Any], where: str):
+    cls = hf_part(registry, hf)
+    if cls is None:
+        raise CheckpointError(f"config.json {where}.model_type={hf.get('model_type')!r}: no registered "
+                              f"{registry.what} reads it (registered: {', '.join(registry.names())})")
+    return cls
+
+
+def _decoder_hf(text_config: Mapping[str, Any]) -> dict[str, Any]:
+    return {"model_type": "llama", **text_config}  # old Llava configs leave the LLaMA text model_type out
 
 
 def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfig:
@@ -117,11 +102,12 @@ def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfi
     if not hf.get("multimodal_projector_bias", True):
         raise CheckpointError("config.json multimodal_projector_bias=false is not supported")
     vision_o, text_o, top = _split_overrides(overrides)
-    text = {"model_type": "llama", **hf["text_config"]}
+    text = _decoder_hf(hf["text_config"])
     kwargs: dict[str, Any] = dict(
-        vision=VisionConfig.from_hf(hf["vision_config"], **vision_o),
-        projector=ProjectorConfig(kind="mlp2x_gelu"),
-        text=LlamaConfig.from_hf(text, **text_o),
+        vision=_part(VISION_TOWERS, hf["vision_config"], "vision_config").from_hf(hf["vision_config"],
+                                                                                 **vision_o),
+        projector=PROJECTORS.get(_HF_PROJECTOR)(),
+        text=_part(DECODERS, text, "text_config").from_hf(text, **text_o),
         image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
         vision_feature_layer=layer,
         vision_feature_select="patch" if strategy == "default" else "full",
@@ -136,9 +122,9 @@ def config_to_llava_hf(cfg: EmoLLMConfig, *, image_token_in_vocab: bool = True) 
     image_token_in_vocab=False keeps an out-of-vocab placeholder (original LLaVA's -200): fine for our own
     params checkpoints, which `config_from_llava_hf` reads back, but not loadable by transformers.
     """
-    if cfg.projector.kind != "mlp2x_gelu":
+    if cfg.projector.kind != _HF_PROJECTOR:
         raise ValueError(
-            f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart (mlp2x_gelu only)"
+            f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart ({_HF_PROJECTOR} only)"
         )
     if image_token_in_vocab and not 0 <= cfg.image_token_id < cfg.text.vocab_size:
         raise ValueError(f"image_token_id={cfg.image_token_id} must lie inside the vocab for HF Llava "
@@ -163,22 +149,15 @@ def config_to_llava_hf(cfg: EmoLLMConfig, *, image_token_in_vocab: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------------- key maps
-def _decoder_map(text: LlamaConfig, body: str, head: str) -> KeyMap:
-    """`convert.llama`'s table with its leading ``model.`` replaced by ``body`` and ``lm_head.weight`` by
-    ``head``; our paths under ``llm.``."""
+def decoder_map(text: DecoderConfig, body: str = "model.", head: str = "lm_head.weight",
+                ours: str = "llm.") -> KeyMap:
+    """The decoder's own table with its leading ``model.`` replaced by ``body`` and ``lm_head.weight`` by
+    ``head``; our paths under ``ours``."""
 
-    def hf(key: str) -> str:
+    def rename(key: str) -> str:
         return head if key == "lm_head.weight" else body + key.removeprefix("model.")
 
-    def pattern(p: str) -> str:
-        if p == r"lm_head\.weight":
-            return re.escape(head)
-        return re.escape(body) + p.removeprefix(r"model\.")
-
-    base = llama_key_map(text)
-    return KeyMap(
-        tuple(Rule(hf(r.hf), "llm." + r.ours, r.hook) for r in base.rules), tuple(map(pattern, base.ignore))
-    )
+    return KeyMap.table(text.hf_key_table()).rename_hf(rename).with_prefix("", ours)
 
 
 def _detect(keys: set[str], probe: str, prefixes: tuple[str, ...], what: str) -> str:
@@ -200,12 +179,12 @@ def llava_key_map(
     else:
         body = _detect(keys, "embed_tokens.weight", tuple(b for b, _ in _LM_LAYOUTS), "decoder")
         head = dict(_LM_LAYOUTS)[body]
-        vision = _detect(keys, "embeddings.patch_embedding.weight", _VISION_PREFIXES, "vision tower")
+        vision = _detect(keys, config.vision.hf_probe_key, _VISION_PREFIXES, "vision tower")
         proj = _detect(keys, "linear_1.weight", _PROJECTOR_PREFIXES, "projector")
     return (
-        _decoder_map(config.text, body, head)
-        + clip_key_map().with_prefix(vision, "vision.")
-        + KeyMap.table(_MLP_ROWS).with_prefix(proj)
+        decoder_map(config.text, body, head)
+        + KeyMap.table(config.vision.hf_key_table()).with_prefix(vision, "vision.")
+        + KeyMap.table(config.projector.hf_key_table()).with_prefix(proj, "projector.")
     )
 
 
@@ -220,18 +199,16 @@ def _build(config: EmoLLMConfig, rngs: nnx.Rngs) -> EmoLLM:
     return EmoLLM(config, rngs=rngs)
 
 
-LLAVA = register_family(
-    Family(
-        name="llava",
-        matches=_matches,
-        config_from_hf=config_from_llava_hf,
-        build=_build,
-        key_map=llava_key_map,
-        to_hf_config=lambda model: config_to_llava_hf(model.config),
-        export_map=lambda model: llava_key_map(model.config),
-        model_type=EmoLLM,
-        is_lm=True,
-    )
+LLAVA = Family(
+    name="llava",
+    matches=_matches,
+    config_from_hf=config_from_llava_hf,
+    build=_build,
+    key_map=llava_key_map,
+    to_hf_config=lambda model: config_to_llava_hf(model.config),
+    export_map=lambda model: llava_key_map(model.config),
+    handles=lambda model: isinstance(model, EmoLLM),
+    is_lm=True,
 )
 
 
@@ -247,11 +224,9 @@ def _needs_clip_dir(hf: Mapping[str, Any], **_: Any) -> Any:
     )
 
 
-# Registered so `load_hf` on such a directory says what to do instead of "no converter".
-register_family(
-    Family(name="llava_original", matches=_is_original, config_from_hf=_needs_clip_dir, build=_build,
-           key_map=lambda *a: KeyMap(()))
-)  # fmt: skip
+# Listed so `load_hf` on such a directory says what to do instead of "no converter".
+LLAVA_ORIGINAL = Family(name="llava_original", matches=_is_original, config_from_hf=_needs_clip_dir,
+                        build=_build, key_map=lambda *a: KeyMap(()))
 
 _ORIGINAL_TEXT_TYPES = {
     "llava": "llama",
@@ -268,10 +243,11 @@ def config_from_llava_original(
     image_token_id: int = LLAVA_IMAGE_TOKEN_INDEX,
     **overrides,
 ) -> EmoLLMConfig:
-    """EmoLLMConfig from an original LLaVA config.json (LLaMA fields + ``mm_*``) and its CLIP config.json."""
+    """EmoLLMConfig from an original LLaVA config.json (decoder fields + ``mm_*``) and its tower's
+    config.json."""
     kind = hf.get("mm_projector_type", "linear")
-    if kind not in _ORIGINAL_ROWS:
-        raise CheckpointError(f"config.json mm_projector_type={kind!r}: supported {sorted(_ORIGINAL_ROWS)}")
+    if kind not in PROJECTORS or not hasattr(PROJECTORS.get(kind), "original_llava_key_table"):
+        raise CheckpointError(f"config.json mm_projector_type={kind!r}: supported mlp2x_gelu, linear")
     select = hf.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise CheckpointError(f"config.json mm_vision_select_feature={select!r}: expected patch or cls_patch")
@@ -281,14 +257,16 @@ def config_from_llava_original(
             f"config.json model_type={model_type!r}: expected one of {sorted(_ORIGINAL_TEXT_TYPES)}"
         )
     vision_o, text_o, top = _split_overrides(overrides)
-    vision = VisionConfig.from_hf(clip_hf, **vision_o)
-    if hf.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
-        raise CheckpointError(f"config.json mm_hidden_size={hf['mm_hidden_size']} but the CLIP tower's "
-                              f"hidden_size is {vision.hidden_size}: wrong clip_dir?")  # fmt: skip
+    tower_hf = clip_hf.get("vision_config", clip_hf)
+    vision = _part(VISION_TOWERS, tower_hf, "vision_config").from_hf(clip_hf, **vision_o)
+    if hf.get("mm_hidden_size", vision.width) != vision.width:
+        raise CheckpointError(f"config.json mm_hidden_size={hf['mm_hidden_size']} but the tower's "
+                              f"hidden_size is {vision.width}: wrong clip_dir?")  # fmt: skip
+    text = {**hf, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}
     kwargs: dict[str, Any] = dict(
         vision=vision,
-        projector=ProjectorConfig(kind=kind),
-        text=LlamaConfig.from_hf({**hf, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}, **text_o),
+        projector=PROJECTORS.get(kind)(),
+        text=_part(DECODERS, text, "model_type").from_hf(text, **text_o),
         image_token_id=image_token_id,
         vision_feature_layer=int(hf.get("mm_vision_select_layer", -2)),
         vision_feature_select="patch" if select == "patch" else "full",
@@ -306,7 +284,7 @@ def load_llava_original(
     image_token_id: int = LLAVA_IMAGE_TOKEN_INDEX,
     **overrides: Any,
 ) -> EmoLLM:
-    """An original-LLaVA directory (decoder + ``model.mm_projector``) plus a local CLIP directory -> EmoLLM.
+    """An original-LLaVA directory (decoder + ``model.mm_projector``) plus a local tower directory -> EmoLLM.
 
     Both sources are streamed into one abstract model with strict accounting: every key of either directory
     is used (or deliberately ignored) and every parameter is filled.
@@ -317,10 +295,13 @@ def load_llava_original(
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     config = config_from_llava_original(hf, clip_hf, image_token_id=image_token_id, **overrides)
     source, clip_source = open_checkpoint(path), open_checkpoint(clip_dir)
-    lm_map = llama_key_map(config.text).with_prefix("", "llm.") + KeyMap.table(
-        _ORIGINAL_ROWS[config.projector.kind]
-    ).with_prefix("model.mm_projector.")
+    projector_rows = config.projector.original_llava_key_table()
+    lm_map = decoder_map(config.text) + KeyMap.table(projector_rows).with_prefix("model.mm_projector.",
+                                                                                 "projector.")
     model = fill_model(abstract_model(LLAVA, config), source, lm_map, dtype=dtype, shardings=shardings,
                        where=str(path), partial=True)  # fmt: skip
-    clip_map = CLIP_VISION.key_map(config.vision, clip_hf, set(clip_source.keys())).with_prefix("", "vision.")
-    return fill_model(model, clip_source, clip_map, dtype=dtype, shardings=shardings, where=str(clip_dir))
+    keys = set(clip_source.keys())
+    prefix = _detect(keys, config.vision.hf_probe_key, config.vision.hf_prefixes, "tower")
+    tower_map = (KeyMap.table(config.vision.hf_key_table()).with_prefix(prefix, "vision.")
+                 + KeyMap((), tuple(config.vision.hf_ignore(clip_hf))))
+    return fill_model(model, clip_source, tower_map, dtype=dtype, shardings=shardings, where=str(clip_dir))

@@ -18,7 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emollm_jax.convert.core import abstract_model, families
+from emollm_jax.convert.core import abstract_model
+from emollm_jax.convert.hf import families
 from emollm_jax.convert.safetensors_io import AtomicDir, CheckpointError
 
 

@@ -1,6 +1,8 @@
-"""EmoLLM: CLIP vision tower -> projector -> visual tokens spliced into a LLaMA-family decoder.
+"""EmoLLM: vision tower -> projector -> visual tokens spliced into a decoder, each part chosen by its `kind`.
 
-This is the one place where an image becomes tokens. Phases (big_vision style), each a method:
+This is the one place where an image becomes tokens. The three parts are registered configs
+(`emollm_jax.models.parts`): the config says which tower, projector and decoder, and this module composes
+them without naming any class. Phases (big_vision style), each a method:
 ``embed_media`` (frames -> visual tokens per sample), ``embed_inputs`` (text embeddings with the visual tokens
 written at the ``image_token_id`` positions) and ``__call__`` (the decoder, optionally with a KV cache).
 
@@ -14,50 +16,90 @@ That count is data, so under ``jax.jit`` it cannot be checked; with concrete (no
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emollm_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
-from emollm_jax.models.projectors import ProjectorConfig, build_projector, num_output_tokens
-from emollm_jax.models.vit import CLIPVisionTransformer, VisionConfig
+from emollm_jax.configuration import ConfigError, FieldError
+from emollm_jax.models import catalog  # noqa: F401  (the shipped parts a config may name)
+from emollm_jax.models.parts import (
+    DECODERS,
+    PROJECTORS,
+    VISION_TOWERS,
+    DecoderConfig,
+    ProjectorConfig,
+    VisionTowerConfig,
+    VisualFeatures,
+    part_config,
+)
+
+if TYPE_CHECKING:
+    from emollm_jax.models.llama import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
 class EmoLLMConfig:
-    """Vision tower, projector and decoder configs plus how visual features become tokens."""
+    """Tower, projector and decoder configs (any registered kind) plus how features become tokens."""
 
-    vision: VisionConfig
+    vision: VisionTowerConfig
     projector: ProjectorConfig
-    text: LlamaConfig
+    text: DecoderConfig
     image_token_id: int
     vision_feature_layer: int = -2  # LLaVA's penultimate layer
-    vision_feature_select: str = "patch"  # "patch" (drop class token) | "full"
+    vision_feature_select: str = "patch"  # "patch" (drop the first token, HF's "default") | "full"
     video_pooling: str = "concat"  # "concat": frames' tokens concatenated | "mean": averaged over frames
     freeze_vision: bool = True  # stop_gradient on the tower's output
 
     def __post_init__(self):
-        depth = self.vision.num_layers + 1  # hidden_states: embeddings + one per layer
-        layers = [("vision_feature_layer", self.vision_feature_layer)]
-        if self.projector.kind == "mvp" and "multilevel" in self.projector.perspectives:
-            layers += [("projector.levels", i) for i in self.projector.levels]
-        for name, i in layers:
+        def fail(field: str, value: Any, why: str):
+            raise FieldError("EmoLLMConfig", field, value, why)
+
+        depth = self.vision.num_hidden_states  # hidden_states: embeddings + one per layer
+        if not -depth <= self.vision_feature_layer < depth:
+            fail("vision_feature_layer", self.vision_feature_layer,
+                 f"the {self.vision.kind} tower has {depth} hidden states")
+        for i in self.projector.feature_levels():
             if not -depth <= i < depth:
-                raise ValueError(f"EmoLLMConfig.{name}={i}: the tower has {depth} hidden states")
+                fail("projector.levels", i, f"the {self.vision.kind} tower has {depth} hidden states")
         if self.vision_feature_select not in ("patch", "full"):
-            raise ValueError(
-                f"EmoLLMConfig.vision_feature_select={self.vision_feature_select!r}: patch | full"
-            )
+            fail("vision_feature_select", self.vision_feature_select, "expected 'patch' or 'full'")
         if self.video_pooling not in ("concat", "mean"):
-            raise ValueError(f"EmoLLMConfig.video_pooling={self.video_pooling!r}: concat | mean")
+            fail("video_pooling", self.video_pooling, "expected 'concat' or 'mean'")
+        if self.projector.needs_class_token and not self.vision.num_prefix_tokens:
+            fail("projector.kind", self.projector.kind, f"reads a class token and the {self.vision.kind} "
+                 "tower has none (MVP: global_pool='mean')")
+
+    @classmethod
+    def from_config(cls, model: Any, *, vocab_size: int, image_token_id: int,
+                    freeze_vision: bool = True) -> EmoLLMConfig:
+        """The EmoLLMConfig of a `config.model` block: each part is the registered kind its block names
+        (`model.vision.kind`, `model.projector.kind`, `model.text.kind`). Errors name the config key."""
+        try:
+            return cls(
+                vision=part_config(VISION_TOWERS, model.vision, "model.vision"),
+                projector=part_config(PROJECTORS, model.projector, "model.projector"),
+                text=part_config(DECODERS, model.text, "model.text", vocab_size=vocab_size),
+                image_token_id=int(image_token_id),
+                vision_feature_layer=int(model.vision_feature_layer),
+                vision_feature_select=model.vision_feature_select,
+                video_pooling=model.video_pooling,
+                freeze_vision=freeze_vision,
+            )
+        except FieldError as e:
+            raise ConfigError(f"config.model.{e.field}={e.value!r}: {e.message}") from None
+
+    @property
+    def first_patch(self) -> int:
+        """Index of the first token a projector reads in each hidden state."""
+        return 1 if self.vision_feature_select == "patch" else 0
 
     @property
     def tokens_per_frame(self) -> int:
-        patches = self.vision.num_patches + (self.vision_feature_select == "full")
-        return num_output_tokens(self.projector, patches)
+        tokens = self.vision.num_patches + self.vision.num_prefix_tokens - self.first_patch
+        return self.projector.num_output_tokens(tokens)
 
 
 def visual_tokens_per_media(cfg: EmoLLMConfig, num_frames: int) -> int:
@@ -116,35 +158,35 @@ def _normalise_media(pixel_values: jax.Array, frame_media: jax.Array | None) -> 
 
 
 class EmoLLM(nnx.Module):
-    """``.vision`` (CLIP tower), ``.projector`` (mlp2x / linear / MVP), ``.llm`` (LlamaForCausalLM)."""
+    """``.vision``, ``.projector`` and ``.llm``: the configured tower, projector and decoder."""
 
     def __init__(self, config: EmoLLMConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.vision = CLIPVisionTransformer(config.vision, rngs=rngs)
-        self.projector = build_projector(
-            config.projector,
-            config.vision.hidden_size,
+        self.vision = config.vision.build(rngs=rngs)
+        self.projector = config.projector.build(
+            config.vision.width,
             config.text.hidden_size,
-            rngs,
+            rngs=rngs,
             dtype=jnp.dtype(config.text.dtype),
             param_dtype=jnp.dtype(config.text.param_dtype),
         )
-        self.llm = LlamaForCausalLM(config.text, rngs=rngs)
+        self.llm = config.text.build(rngs=rngs)
 
-    def vision_features(self, pixels: jax.Array) -> dict[str, jax.Array]:
-        """float[N, H, W, C] -> the projector's inputs: {"patches": float[N, P, Dv], "cls": float[N, Dv],
-        "levels": float[L, N, P, Dv] (MVP multilevel only)}; "cls" = the selected layer's class token."""
+    def vision_features(self, pixels: jax.Array) -> VisualFeatures:
+        """float[N, H, W, C] -> what the projector asked the tower for: the selected layer's patches
+        float[N, P, Dv], its `feature_levels()` float[L, N, P, Dv], the class token float[N, Dv]."""
         cfg = self.config
         hidden = self.vision(pixels).hidden_states
         if cfg.freeze_vision:
             hidden = tuple(jax.lax.stop_gradient(h) for h in hidden)
-        start = 1 if cfg.vision_feature_select == "patch" else 0
+        start = cfg.first_patch
         selected = hidden[cfg.vision_feature_layer]
-        features = {"patches": selected[:, start:], "cls": selected[:, 0]}
-        pcfg = cfg.projector
-        if pcfg.kind == "mvp" and "multilevel" in pcfg.perspectives:
-            features["levels"] = jnp.stack([hidden[i][:, start:] for i in pcfg.levels])
-        return features
+        levels = cfg.projector.feature_levels()
+        return VisualFeatures(
+            patches=selected[:, start:],
+            levels=jnp.stack([hidden[i][:, start:] for i in levels]) if levels else None,
+            cls=selected[:, 0] if cfg.projector.needs_class_token else None,
+        )
 
     def embed_media(self, pixel_values: jax.Array, frame_media: jax.Array | None = None) -> jax.Array:
         """Visual tokens of each sample in media order, padded at the end.

@@ -1,7 +1,7 @@
 """LLaMA-family decoder (LLaMA, Mistral, Qwen2) in Flax NNX, numerically matching Hugging Face.
 
 RoPE uses HF's rotate-half convention so imported q/k weights need no permutation. Attribute names mirror
-HF (`model.layers[i].self_attn.q_proj`, ...) so the key map in `emollm_jax.convert.llama` reads as a table.
+HF (`model.layers[i].self_attn.q_proj`, ...) so the HF key table below reads row by row.
 Decoding uses a functional `KVCache` pytree: the model never mutates hidden state, so generation loops can be
 jitted with the cache donated.
 """
@@ -11,22 +11,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emollm_jax.models import dots
+from emollm_jax.models import layers
+from emollm_jax.models.layers import RMSNorm, attend, attention_bias
+from emollm_jax.models.parts import DecoderConfig, KeyRow, decoder
 
-_FAMILIES = ("llama", "mistral", "qwen2")
-_INIT = nnx.initializers.normal(stddev=0.02)  # HF's initializer_range default
 
-
+@decoder("llama")
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Decoder hyper-parameters; `from_hf`/`to_hf` translate LlamaConfig/MistralConfig/Qwen2Config dicts."""
+class LlamaConfig(DecoderConfig):
+    """LLaMA / Vicuna decoder hyper-parameters (HF `LlamaConfig` names, `num_layers` = num_hidden_layers).
+
+    The other LLaMA-family decoders (`MistralConfig`, `Qwen2Config` below) are the same module with other
+    defaults, HF names and chat template. `from_hf`/`to_hf` translate HF config.json dicts.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -39,21 +43,47 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple | None = None  # frozen HF dict, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...)
     max_position_embeddings: int = 4096
-    attention_bias: bool = False  # Qwen2: q/k/v bias (o_proj never has one)
+    attention_bias: bool | None = None  # q/k/v biases (o_proj never has one); None: the family's default
     tie_word_embeddings: bool = False
-    model_type: str = "llama"  # llama | mistral | qwen2
+    sliding_window: int | None = None  # a key is visible iff query_slot - key_slot < window
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
-    sliding_window: int | None = None  # Mistral: a key is visible iff query_slot - key_slot < window
+
+    logical_axes = ("embed", "mlp", "heads", "kv_heads", "vocab", "norm")
+    hf_model_types = ("llama",)
+    hf_probe_key = "model.embed_tokens.weight"
+    hf_architecture: ClassVar[str] = "LlamaForCausalLM"
+    chat_template = "vicuna_v1"  # LLaVA-1.5's Vicuna conversation
+    lora_targets = ("q_proj", "v_proj")
+    default_attention_bias: ClassVar[bool] = False
 
     def __post_init__(self):
-        if self.model_type not in _FAMILIES:
-            raise ValueError(f"LlamaConfig.model_type={self.model_type!r}; expected one of {_FAMILIES}")
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.attention_bias is None:
+            object.__setattr__(self, "attention_bias", self.default_attention_bias)
+        super().__post_init__()
+
+    def check(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be positive")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
+            self.fail("num_kv_heads", f"must divide num_heads={self.num_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            self.fail("num_heads", f"does not divide hidden_size={self.hidden_size}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            self.fail("sliding_window", "must be positive (or None: no window)")
+        rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in _ROPE_TYPES:
+            self.fail("rope_scaling", f"rope_type {rope_type!r} is not supported {_ROPE_TYPES}")
+
+    @property
+    def model_type(self) -> str:
+        """The HF `model_type` of this family."""
+        return self.hf_model_types[0]
 
     @property
     def dim_per_head(self) -> int:
@@ -63,13 +93,24 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling is not None else None
 
+    def build(self, *, rngs: nnx.Rngs) -> LlamaForCausalLM:
+        return LlamaForCausalLM(self, rngs=rngs)
+
+    def forward_flops(self, batch: int, seq_len: int) -> float:
+        """Matmuls (q/k/v/o, SwiGLU, lm_head) + causal attention for `batch` sequences of `seq_len`."""
+        d, hd = self.hidden_size, self.dim_per_head
+        attn_w = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp_w = 3 * d * self.intermediate_size
+        n_matmul = self.num_layers * (attn_w + mlp_w) + d * self.vocab_size
+        tokens = batch * seq_len
+        attention = 2.0 * 2.0 * self.num_layers * self.num_heads * hd * seq_len * tokens / 2.0  # causal: half
+        return 2.0 * n_matmul * tokens + attention
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
-        """Reads an HF config dict (config.json); accepts both `rope_parameters` (transformers>=5) and the
-        older top-level `rope_theta` + `rope_scaling`. Unsupported features raise instead of diverging."""
-        model_type = hf.get("model_type", "llama")
-        if model_type not in _FAMILIES:
-            raise ValueError(f"config model_type={model_type!r} is not a LLaMA-family decoder {_FAMILIES}")
+        """Reads an HF config dict (config.json) of this family; accepts both `rope_parameters`
+        (transformers>=5) and the older top-level `rope_theta` + `rope_scaling`. Unsupported features raise
+        instead of diverging."""
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
         if hf.get("mlp_bias", False):
@@ -77,23 +118,17 @@ class LlamaConfig:
         if hf.get("pretraining_tp", 1) != 1:
             raise ValueError(f"config pretraining_tp={hf['pretraining_tp']} is not supported (only 1)")
         rope = dict(hf.get("rope_parameters") or {})
-        legacy = dict(hf.get("rope_scaling") or {})
-        rope.update(legacy)
+        rope.update(dict(hf.get("rope_scaling") or {}))
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         if "type" in rope:  # pre-4.45 spelling
             rope.setdefault("rope_type", rope.pop("type"))
         rope_type = rope.get("rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"config rope_type={rope_type!r} is not supported (default, linear, llama3)")
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(f"config rope_type={rope_type!r} is not supported {_ROPE_TYPES}")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("config partial_rotary_factor != 1 is not supported")
-        scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
         max_pos = int(hf.get("max_position_embeddings", 4096))
-        window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-            window = None
-        if model_type == "qwen2" and window is not None:
-            raise ValueError("Qwen2 use_sliding_window=True is not supported (per-layer windows)")
+        window = cls._hf_window(hf)
         if window is not None and window >= max_pos:
             window = None  # never binds
         heads = int(hf["num_attention_heads"])
@@ -107,22 +142,24 @@ class LlamaConfig:
             head_dim=hf.get("head_dim"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
-            rope_scaling=scaling,
+            rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
             max_position_embeddings=max_pos,
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            attention_bias=bool(hf.get("attention_bias", cls.default_attention_bias)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            model_type=model_type,
             sliding_window=window,
         )
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    @classmethod
+    def _hf_window(cls, hf: Mapping[str, Any]) -> int | None:
+        return hf.get("sliding_window")
+
     def to_hf(self) -> dict[str, Any]:
         """An HF config dict that `AutoConfig.for_model(**d)` / `from_pretrained` reads back as this one."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         rope = {"rope_type": "default", **(self.rope_scaling_dict or {}), "rope_theta": self.rope_theta}
-        d: dict[str, Any] = dict(
-            architectures=[arch[self.model_type]],
+        return dict(
+            architectures=[self.hf_architecture],
             model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -137,16 +174,85 @@ class LlamaConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
             dtype=self.param_dtype,
+            **self._hf_extra(),
         )
-        if self.model_type == "llama":
-            d.update(attention_bias=self.attention_bias, mlp_bias=False)
-        elif self.model_type == "mistral":
-            d.update(sliding_window=self.sliding_window)
-        elif self.model_type == "qwen2":
-            if not self.attention_bias:
-                raise ValueError("Qwen2 always has q/k/v biases; attention_bias=False can't be exported")
-            d.update(use_sliding_window=False, sliding_window=None)
-        return d
+
+    def _hf_extra(self) -> dict[str, Any]:
+        return dict(attention_bias=self.attention_bias, mlp_bias=False)
+
+    def hf_key_table(self) -> list[KeyRow]:
+        """HF_KEYS, with the untied head, or with a redundant `lm_head.weight` ignored when tied."""
+        head = ("lm_head.weight", "", "ignore") if self.tie_word_embeddings else HF_HEAD
+        return [*HF_KEYS, head]
+
+
+@decoder("mistral")
+@dataclasses.dataclass(frozen=True)
+class MistralConfig(LlamaConfig):
+    """Mistral: LLaMA with a sliding attention window."""
+
+    hf_model_types = ("mistral",)
+    hf_architecture = "MistralForCausalLM"
+    chat_template = "llama2"  # [INST] ... [/INST]
+
+    def _hf_extra(self) -> dict[str, Any]:
+        return dict(sliding_window=self.sliding_window)
+
+    def check(self) -> None:
+        super().check()
+        if self.attention_bias:
+            self.fail("attention_bias", "Mistral has no q/k/v biases")
+
+
+@decoder("qwen2")
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config(LlamaConfig):
+    """Qwen2: LLaMA with q/k/v biases (and, in the small sizes, tied embeddings)."""
+
+    hf_model_types = ("qwen2",)
+    hf_architecture = "Qwen2ForCausalLM"
+    chat_template = "chatml"
+    default_attention_bias = True
+
+    @classmethod
+    def _hf_window(cls, hf: Mapping[str, Any]) -> int | None:
+        if hf.get("use_sliding_window", False):
+            raise ValueError("Qwen2 use_sliding_window=True is not supported (per-layer windows)")
+        return None
+
+    def check(self) -> None:
+        super().check()
+        if not self.attention_bias:
+            self.fail("attention_bias", "Qwen2 always has q/k/v biases")
+
+    def _hf_extra(self) -> dict[str, Any]:
+        return dict(use_sliding_window=False, sliding_window=None)
+
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+L = "model.layers.{i}."
+# HF key -> our nnx.State path, hook. Linear weights are transposed ([out, in] -> [in, out]); q/k need no
+# permutation since RoPE uses HF's rotate-half convention. Biases exist only with attention_bias (Qwen2).
+# `rotary_emb.inv_freq` (a buffer older transformers saved) is ignored: RoPE is recomputed from the config.
+HF_KEYS: list[KeyRow] = [
+    ("model.embed_tokens.weight",           "model.embed_tokens.embedding",            "none"),
+    (L + "self_attn.q_proj.weight",         L + "self_attn.q_proj.kernel",             "transpose"),
+    (L + "self_attn.k_proj.weight",         L + "self_attn.k_proj.kernel",             "transpose"),
+    (L + "self_attn.v_proj.weight",         L + "self_attn.v_proj.kernel",             "transpose"),
+    (L + "self_attn.o_proj.weight",         L + "self_attn.o_proj.kernel",             "transpose"),
+    (L + "self_attn.q_proj.bias",           L + "self_attn.q_proj.bias",               "none"),
+    (L + "self_attn.k_proj.bias",           L + "self_attn.k_proj.bias",               "none"),
+    (L + "self_attn.v_proj.bias",           L + "self_attn.v_proj.bias",               "none"),
+    (L + "mlp.gate_proj.weight",            L + "mlp.gate_proj.kernel",                "transpose"),
+    (L + "mlp.up_proj.weight",              L + "mlp.up_proj.kernel",                  "transpose"),
+    (L + "mlp.down_proj.weight",            L + "mlp.down_proj.kernel",                "transpose"),
+    (L + "input_layernorm.weight",          L + "input_layernorm.weight",              "none"),
+    (L + "post_attention_layernorm.weight", L + "post_attention_layernorm.weight",     "none"),
+    ("model.norm.weight",                   "model.norm.weight",                       "none"),
+    (L + "self_attn.rotary_emb.inv_freq",   "",                                        "ignore"),
+]  # fmt: skip
+HF_HEAD: KeyRow = ("lm_head.weight", "lm_head.kernel", "transpose")
 
 
 class KVCache(NamedTuple):
@@ -217,71 +323,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def attention_bias(
-    query_slots: jax.Array, key_mask: jax.Array, sliding_window: int | None = None
-) -> jax.Array:
-    """Additive mask float32[B, 1, 1, T, S]: 0 where visible, a large negative number elsewhere.
-
-    query_slots: int32[T] slot of each query in the key sequence; key_mask: int[B, S] (1 = real key).
-    Key s is visible from query t iff key_mask[b, s] and s <= query_slots[t] (and within the window).
-    Example, no cache, left padding [0, 1, 1]: query 1 sees key 1; query 2 sees keys 1, 2; query 0 sees
-    nothing (a padded row: uniform weights, finite, and ignored downstream).
-    """
-    key_slots = jnp.arange(key_mask.shape[-1])
-    visible = key_slots[None, :] <= query_slots[:, None]
-    if sliding_window is not None:
-        visible &= query_slots[:, None] - key_slots[None, :] < sliding_window
-    visible = visible[None] & (key_mask[:, None, :] > 0)
-    return jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """Grouped-query attention. q: float[B, T, H, Dh]; k, v: float[B, S, KVH, Dh];
-    bias: float32[B, 1, 1, T, S] (or anything broadcasting to float32[B, KVH, G, T, S]).
-
-    Query heads are grouped under their kv head (h = kvh * G + g, as HF's repeat_kv): K/V are never repeated.
-    Scores and softmax in float32. Returns float[B, T, H, Dh].
-    """
-    return _attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), bias)
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """`dot_product_attention` with head-major keys/values k, v: float[B, KVH, S, Dh] (the cache layout)."""
-    b, t, h, d = q.shape
-    kvh = k.shape[1]
-    # Heads-first throughout ([B, KVH, G, T, Dh]): one explicit transpose in and one out, instead of XLA
-    # transposing the einsums' operands and results (the decoder's forward is 1.1x faster on CPU).
-    q = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-class RMSNorm(nnx.Module):
-    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float, *, dtype: Any, param_dtype: Any):
-        self.eps = eps
-        self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
-
-
 def _linear(
     cfg: LlamaConfig, n_in: int, n_out: int, names: tuple[str, str], rngs: nnx.Rngs, bias: bool = False
 ) -> nnx.Linear:
-    return nnx.Linear(
-        n_in, n_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nnx.with_partitioning(_INIT, names),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
-        dot_general=dots.dot_general,  # bf16 products accumulate in float32 (2x faster on CPU)
-        rngs=rngs,
-    )
+    return layers.linear(n_in, n_out, names, rngs, dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype), bias=bias)
 
 
 class LlamaAttention(nnx.Module):
@@ -312,7 +358,7 @@ class LlamaAttention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
             kv = (k_all, v_all)
-        out = _attend(q, k, v, bias).reshape(b, t, -1)
+        out = attend(q, k, v, bias).reshape(b, t, -1)
         return self.o_proj(out), kv
 
 
@@ -352,7 +398,7 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size,
             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-            embedding_init=nnx.with_partitioning(_INIT, ("vocab", "embed")), rngs=rngs,
+            embedding_init=nnx.with_partitioning(layers.NORMAL_002, ("vocab", "embed")), rngs=rngs,
         )
         self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype),

@@ -4,8 +4,9 @@ MVP (Multi-perspective Visual Projection) is named by the EmoLLM paper, but its 
 **The formulation below is this project's own** (a reimplementation choice, not taken from the paper): K
 perspectives over the vision tower's features, each projecting to the LLM width D, then fused.
 
-Notation: patches X in R^{P x Dv} of the selected ViT layer (per image), levels X^(l) for l in ``levels``,
-class token c in R^{Dv}; MLP(.) = Linear -> GELU -> Linear (LLaVA-1.5's projector).
+Notation: patches X in R^{P x Dv} of the selected tower layer (per image), levels X^(l) for l in ``levels``,
+class token c in R^{Dv}; MLP(.) = Linear -> GELU -> Linear (LLaVA-1.5's projector). A projector asks the
+tower for what it reads (``feature_levels()``, ``needs_class_token``) and gets it as ``VisualFeatures``.
 
 1. token:      Y_tok = MLP_tok(X)                                                      [P, D]
 2. relation:   S_ij = <x_i, x_j> / (max(|x_i|, eps) max(|x_j|, eps))   (cosine; 0 for a zero vector)
@@ -36,83 +37,119 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emollm_jax.models import dots
+from emollm_jax.models import layers
+from emollm_jax.models.parts import KeyRow, ProjectorConfig, VisualFeatures, projector
 
 PERSPECTIVES = ("token", "relation", "multilevel", "global")
 FUSIONS = ("sum", "gated_sum", "concat")
-KINDS = ("mlp2x_gelu", "linear", "mvp")
 _COS_EPS = 1e-6
 
 
+@projector("mlp2x_gelu")
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
-    """Which projector maps vision features to the LLM width; the MVP fields are ablation knobs."""
+class MLPProjectorConfig(ProjectorConfig):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear per patch token (HF Llava's
+    `multi_modal_projector`)."""
 
-    kind: str = "mlp2x_gelu"  # "mlp2x_gelu" | "linear" | "mvp"
-    perspectives: tuple[str, ...] = PERSPECTIVES  # mvp only
-    tau: float = 0.5  # relational graph threshold on cosine similarity
+    logical_axes = ("proj_in", "proj_hidden", "proj_out")
+
+    def build(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any = None,
+              param_dtype: Any = jnp.float32) -> MLPProjector:
+        return MLPProjector(din, dout, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def hf_key_table(self) -> list[KeyRow]:
+        """HF Llava's rows (after the `multi_modal_projector.` prefix)."""
+        return [("linear_1.weight", "linear_1.kernel", "transpose"),
+                ("linear_1.bias", "linear_1.bias", "none"),
+                ("linear_2.weight", "linear_2.kernel", "transpose"),
+                ("linear_2.bias", "linear_2.bias", "none")]
+
+    def original_llava_key_table(self) -> list[KeyRow]:
+        """Original LLaVA's `model.mm_projector` nn.Sequential (index 1 is the GELU)."""
+        return [("0.weight", "linear_1.kernel", "transpose"), ("0.bias", "linear_1.bias", "none"),
+                ("2.weight", "linear_2.kernel", "transpose"), ("2.bias", "linear_2.bias", "none")]
+
+
+@projector("linear")
+@dataclasses.dataclass(frozen=True)
+class LinearProjectorConfig(ProjectorConfig):
+    """LLaVA-1's single linear projection."""
+
+    logical_axes = ("proj_in", "proj_out")
+
+    def build(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any = None,
+              param_dtype: Any = jnp.float32) -> LinearProjector:
+        return LinearProjector(din, dout, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def original_llava_key_table(self) -> list[KeyRow]:
+        return [("weight", "linear.kernel", "transpose"), ("bias", "linear.bias", "none")]
+
+
+@projector("mvp")
+@dataclasses.dataclass(frozen=True)
+class MVPConfig(ProjectorConfig):
+    """Multi-perspective visual projection (this project's formulation, see the module docstring); the fields
+    are the paper's ablation knobs."""
+
+    perspectives: tuple[str, ...] = PERSPECTIVES
+    tau: float = 0.5  # relational graph: edge where cosine similarity > tau (>= 1: self loops only)
     gcn_layers: int = 1
-    levels: tuple[int, ...] = (-2, -6, -10)  # ViT hidden_states indices for the multi-level perspective
+    levels: tuple[int, ...] = (-2, -6, -10)  # tower hidden_states indices for the multi-level perspective
     fusion: str = "gated_sum"  # "sum" | "gated_sum" | "concat"
     global_pool: str = "cls"  # "cls" (class token) | "mean" (mean of the patch tokens)
 
-    def __post_init__(self):
-        def bad(field: str, why: str):
-            raise ValueError(f"ProjectorConfig.{field}={getattr(self, field)!r}: {why}")
+    logical_axes = ("proj_in", "proj_hidden", "proj_out", "norm")
 
-        object.__setattr__(self, "perspectives", tuple(self.perspectives))
+    def check(self) -> None:
         object.__setattr__(self, "levels", tuple(int(i) for i in self.levels))
-        if self.kind not in KINDS:
-            bad("kind", f"expected one of {KINDS}")
-        if self.kind != "mvp":
-            return
         unknown = [p for p in self.perspectives if p not in PERSPECTIVES]
         if not self.perspectives or unknown or len(set(self.perspectives)) != len(self.perspectives):
-            bad("perspectives", f"expected a non-empty subset of {PERSPECTIVES} without repeats")
+            self.fail("perspectives", f"expected a non-empty subset of {PERSPECTIVES} without repeats")
         if self.fusion not in FUSIONS:
-            bad("fusion", f"expected one of {FUSIONS}")
+            self.fail("fusion", f"expected one of {FUSIONS}")
         if self.fusion != "concat" and self.perspectives == ("global",):
-            bad(
-                "perspectives",
-                f"fusion={self.fusion!r} needs a per-patch perspective to add the global one to",
-            )
+            self.fail("perspectives", f"fusion={self.fusion!r} needs a per-patch perspective to add the "
+                      "global one to")
+        if not -2.0 <= self.tau <= 2.0:  # cosine lies in [-1, 1]: beyond +-1 the graph is empty or complete
+            self.fail("tau", "cosine threshold outside [-2, 2] (tau >= 1: no edges, tau < -1: every edge)")
         if self.gcn_layers < 1:
-            bad("gcn_layers", "expected >= 1")
+            self.fail("gcn_layers", "expected >= 1")
         if "multilevel" in self.perspectives and not self.levels:
-            bad("levels", "the multilevel perspective needs at least one ViT layer index")
+            self.fail("levels", "the multilevel perspective needs at least one tower layer index")
         if self.global_pool not in ("cls", "mean"):
-            bad("global_pool", "expected 'cls' or 'mean'")
+            self.fail("global_pool", "expected 'cls' or 'mean'")
 
+    def build(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any = None,
+              param_dtype: Any = jnp.float32) -> MVPProjector:
+        return MVPProjector(self, din, dout, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-def num_output_tokens(cfg: ProjectorConfig, num_patches: int) -> int:
-    """Visual tokens the projector emits per frame for ``num_patches`` input patch tokens (pure)."""
-    if cfg.kind != "mvp" or cfg.fusion != "concat":
-        return num_patches
-    per_patch = sum(p != "global" for p in cfg.perspectives)
-    return per_patch * num_patches + ("global" in cfg.perspectives)
+    def feature_levels(self) -> tuple[int, ...]:
+        return self.levels if "multilevel" in self.perspectives else ()
+
+    @property
+    def needs_class_token(self) -> bool:
+        return "global" in self.perspectives and self.global_pool == "cls"
+
+    def num_output_tokens(self, num_patches: int) -> int:
+        if self.fusion != "concat":
+            return num_patches
+        per_patch = sum(p != "global" for p in self.perspectives)
+        return per_patch * num_patches + ("global" in self.perspectives)
 
 
 def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, **kw: Any) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
-        dot_general=dots.dot_general,
-        rngs=rngs,
-        **kw,
-    )
+    return layers.linear(din, dout, names, rngs, init=layers.LECUN_NORMAL, **kw)
 
 
 class Mlp2xGelu(nnx.Module):
-    """LLaVA-1.5 projector: Linear -> GELU (exact erf form, as HF's "gelu") -> Linear.
+    """Linear -> GELU (exact erf form, as HF's "gelu") -> Linear.
 
-    Attribute names match HF Llava's ``multi_modal_projector.linear_{1,2}`` so the key map is direct.
+    Attribute names match HF Llava's ``multi_modal_projector.linear_{1,2}`` so the key table is direct.
     """
 
     def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.linear_1 = _linear(din, dout, ("vit_embed", "mlp"), rngs, **kw)
-        self.linear_2 = _linear(dout, dout, ("mlp", "embed"), rngs, **kw)
+        self.linear_1 = _linear(din, dout, ("proj_in", "proj_hidden"), rngs, **kw)
+        self.linear_2 = _linear(dout, dout, ("proj_hidden", "proj_out"), rngs, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float[..., Dv] -> float[..., D]."""
@@ -123,19 +160,19 @@ class LinearProjector(nnx.Module):
     """LLaVA-1's single linear projection."""
 
     def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.linear = _linear(din, dout, ("vit_embed", "embed"), rngs, **kw)
+        self.linear = _linear(din, dout, ("proj_in", "proj_out"), rngs, **kw)
 
-    def __call__(self, features: dict[str, jax.Array]) -> jax.Array:
-        """features["patches"] float[N, P, Dv] -> float[N, P, D]."""
-        return self.linear(features["patches"])
+    def __call__(self, features: VisualFeatures) -> jax.Array:
+        """features.patches float[N, P, Dv] -> float[N, P, D]."""
+        return self.linear(features.patches)
 
 
 class MLPProjector(Mlp2xGelu):
     """``mlp2x_gelu`` applied per patch token (params ``linear_1``, ``linear_2`` at the top level)."""
 
-    def __call__(self, features: dict[str, jax.Array]) -> jax.Array:
-        """features["patches"] float[N, P, Dv] -> float[N, P, D]."""
-        return super().__call__(features["patches"])
+    def __call__(self, features: VisualFeatures) -> jax.Array:
+        """features.patches float[N, P, Dv] -> float[N, P, D]."""
+        return super().__call__(features.patches)
 
 
 def similarity_graph(x: jax.Array, tau: float) -> jax.Array:
@@ -163,7 +200,7 @@ class RelationPerspective(nnx.Module):
     def __init__(self, din: int, dout: int, *, tau: float, num_layers: int, rngs: nnx.Rngs, **kw: Any):
         self.tau = tau
         self.gcn = nnx.List(
-            [_linear(din, din, ("vit_embed", "vit_mlp"), rngs, **kw) for _ in range(num_layers)]
+            [_linear(din, din, ("proj_in", "proj_hidden"), rngs, **kw) for _ in range(num_layers)]
         )
         self.mlp = Mlp2xGelu(din, dout, rngs=rngs, **kw)
 
@@ -183,14 +220,7 @@ class MultiLevelPerspective(nnx.Module):
         ln_kw = {k: v for k, v in kw.items() if k in ("dtype", "param_dtype")}
         self.norms = nnx.List(
             [
-                nnx.LayerNorm(
-                    din,
-                    epsilon=1e-5,
-                    scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("vit_embed",)),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("vit_embed",)),
-                    rngs=rngs,
-                    **ln_kw,
-                )
+                layers.layer_norm(din, 1e-5, rngs, names=("proj_in",), fast_variance=True, **ln_kw)
                 for _ in range(num_levels)
             ]
         )
@@ -213,7 +243,7 @@ class MultiLevelPerspective(nnx.Module):
 class MVPProjector(nnx.Module):
     """Multi-perspective visual projection (this project's formulation; see the module docstring)."""
 
-    def __init__(self, cfg: ProjectorConfig, din: int, dout: int, *, rngs: nnx.Rngs, **kw: Any):
+    def __init__(self, cfg: MVPConfig, din: int, dout: int, *, rngs: nnx.Rngs, **kw: Any):
         self.cfg = cfg
         ps = cfg.perspectives
         self.token = Mlp2xGelu(din, dout, rngs=rngs, **kw) if "token" in ps else None
@@ -228,12 +258,12 @@ class MVPProjector(nnx.Module):
         self.global_ = Mlp2xGelu(din, dout, rngs=rngs, **kw) if "global" in ps else None
         if cfg.fusion == "gated_sum":
             pdt = kw.get("param_dtype", jnp.float32)
-            self.gate_w = nnx.Param(jnp.zeros((len(ps), dout), pdt), out_sharding=(None, "embed"))
+            self.gate_w = nnx.Param(jnp.zeros((len(ps), dout), pdt), out_sharding=(None, "proj_out"))
             self.gate_b = nnx.Param(jnp.zeros((len(ps),), pdt), out_sharding=(None,))
 
-    def perspectives(self, features: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def perspectives(self, features: VisualFeatures) -> dict[str, jax.Array]:
         """Each perspective's output: float[N, P, D] per patch perspective, float[N, 1, D] for "global"."""
-        x = features["patches"]
+        x = features.patches
         out = {}
         for name in self.cfg.perspectives:
             if name == "token":
@@ -241,18 +271,18 @@ class MVPProjector(nnx.Module):
             elif name == "relation":
                 out[name] = self.relation(x)
             elif name == "multilevel":
-                out[name] = self.multilevel(features["levels"])
+                out[name] = self.multilevel(features.levels)
             else:
-                pooled = features["cls"] if self.cfg.global_pool == "cls" else x.mean(axis=1)
+                pooled = features.cls if self.cfg.global_pool == "cls" else x.mean(axis=1)
                 out[name] = self.global_(pooled)[:, None, :]
         return out
 
-    def __call__(self, features: dict[str, jax.Array]) -> jax.Array:
-        """{"patches": float[N,P,Dv], "levels": float[L,N,P,Dv], "cls": float[N,Dv]} -> float[N,P',D]."""
+    def __call__(self, features: VisualFeatures) -> jax.Array:
+        """patches float[N, P, Dv], levels float[L, N, P, Dv], cls float[N, Dv] -> float[N, P', D]."""
         ys = self.perspectives(features)
         if self.cfg.fusion == "concat":
             return jnp.concatenate([ys[p] for p in self.cfg.perspectives], axis=1)
-        num_patches = features["patches"].shape[1]
+        num_patches = features.patches.shape[1]
         stacked = jnp.stack([jnp.broadcast_to(y, (y.shape[0], num_patches, y.shape[2])) for y in ys.values()])
         if self.cfg.fusion == "sum":
             return stacked.sum(0)
@@ -260,21 +290,3 @@ class MVPProjector(nnx.Module):
         logits = logits.astype(jnp.float32) + self.gate_b[...].astype(jnp.float32)[:, None, None]
         gates = len(ys) * jax.nn.softmax(logits, axis=0)  # [K, N, P]
         return jnp.einsum("knp,knpd->npd", gates.astype(stacked.dtype), stacked)
-
-
-def build_projector(
-    cfg: ProjectorConfig,
-    vision_width: int,
-    text_width: int,
-    rngs: nnx.Rngs,
-    *,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-) -> nnx.Module:
-    """The projector named by ``cfg.kind``; call it on a features dict, get float[N, P', text_width]."""
-    kw = {"dtype": dtype, "param_dtype": param_dtype}
-    if cfg.kind == "mlp2x_gelu":
-        return MLPProjector(vision_width, text_width, rngs=rngs, **kw)
-    if cfg.kind == "linear":
-        return LinearProjector(vision_width, text_width, rngs=rngs, **kw)
-    return MVPProjector(cfg, vision_width, text_width, rngs=rngs, **kw)

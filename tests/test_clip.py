@@ -10,7 +10,8 @@ import transformers
 from flax import nnx
 
 from emollm_jax.convert import load_hf
-from emollm_jax.models.vit import CLIPVisionTransformer, VisionConfig, resample_posemb
+from emollm_jax.models.clip import CLIPConfig, CLIPVisionTransformer
+from emollm_jax.models.layers import resample_posemb
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
             patch_size=8)
@@ -47,8 +48,8 @@ def test_every_hidden_state_and_pooled_match_hf(pair):
     assert len(out.hidden_states) == len(ref.hidden_states) == 3
     for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
         np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-4, rtol=0, err_msg=f"hidden_states[{i}]")
-    np.testing.assert_allclose(np.asarray(out.last_hidden_state), ref.last_hidden_state.numpy(), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(out.pooler_output), ref.pooler_output.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.hidden_states[-1]), ref.last_hidden_state.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.pooled), ref.pooler_output.numpy(), atol=1e-4, rtol=0)
 
 
 def test_resample_posemb_keeps_class_and_interpolates_grid():
@@ -74,7 +75,7 @@ def test_load_at_larger_image_size_resamples_position_embedding(pair):
     np.testing.assert_allclose(np.asarray(big.embeddings.position_embedding.embedding[...]),
                                np.asarray(resample_posemb(jnp.asarray(file_pos), 8)), atol=1e-6)
     out = forward(big, jnp.zeros((1, 64, 64, 3)))
-    assert out.last_hidden_state.shape == (1, 65, 64)
+    assert out.hidden_states[-1].shape == (1, 65, 64)
 
 
 def test_wrong_image_size_is_a_clear_error(pair):
@@ -85,13 +86,13 @@ def test_wrong_image_size_is_a_clear_error(pair):
 
 def test_config_from_clip_model_dict_and_round_trip():
     full = transformers.CLIPConfig(vision_config=TINY).to_dict()
-    cfg = VisionConfig.from_hf(full)
+    cfg = CLIPConfig.from_hf(full)
     assert (cfg.hidden_size, cfg.num_layers, cfg.patch_size, cfg.image_size) == (64, 2, 8, 32)
-    assert VisionConfig.from_hf(cfg.to_hf()) == cfg
+    assert CLIPConfig.from_hf(cfg.to_hf()) == cfg
 
 
 def test_logical_axes_and_remat():
-    cfg = VisionConfig(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_layers=2,
+    cfg = CLIPConfig(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_layers=2,
                        num_heads=2)
     model = CLIPVisionTransformer(cfg, rngs=nnx.Rngs(0))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -99,5 +100,5 @@ def test_logical_axes_and_remat():
         assert names is not None and len(names) == var.get_value().ndim, path
     remat = CLIPVisionTransformer(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32))
-    np.testing.assert_allclose(np.asarray(forward(model, x).pooler_output),
-                               np.asarray(forward(remat, x).pooler_output), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(forward(model, x).pooled),
+                               np.asarray(forward(remat, x).pooled), atol=1e-6)
