@@ -126,14 +126,6 @@ class _ValidatingSource:
         self.valid_indices()
         return self._invalid
 
-    def problems(self) -> list[RecordError]:
-        """Every problem in the source (reads and validates everything)."""
-        out: list[RecordError] = []
-        for i in range(len(self)):
-            record, source, line, errors = self._read(i)
-            out += self._check(record, source, line, errors)
-        return out
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} records, validate={self.validate!r})"
 

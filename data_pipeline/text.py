@@ -386,8 +386,3 @@ def _encode_piece(tokenizer: Tokenizer, text: str) -> list[int]:
     if not text.strip(" "):
         return [] if tokenizer.space_joins_pieces or not text else tokenizer.encode(text)
     return tokenizer.encode(text)
-
-
-def count_media_markers(record_convs: Sequence[dict]) -> int:
-    """Number of `<image>`/`<video>` markers in a conversation's text."""
-    return sum(len(_MARKER_RE.findall(m.get("value") or "")) for m in record_convs)
