@@ -68,7 +68,7 @@ def preprocess_image(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> np.ndarray:
-    """`uint8[H, W, 3]` -> CLIP-normalised `float32[size, size, 3]`.
+    """`uint8[H, W, 3]` -> normalised `float32[size, size, 3]` (CLIP's mean and std unless given).
 
     mode="pad": LLaVA-1.5's `image_aspect_ratio="pad"`: pad to a square with the mean colour
       (`int(255 * mean)`), centred, then bicubic resize to `size` x `size`.
@@ -203,7 +203,8 @@ def load_media(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> np.ndarray:
-    """All frames of a record's media, preprocessed: `float32[F, image_size, image_size, 3]`.
+    """All frames of a record's media, each through `preprocess_image(frame, image_size, mode, mean, std)`:
+    `float32[F, image_size, image_size, 3]`.
 
     F = number of images (1 per image) or `num_frames` for a video; F = 0 for a text-only record.
     Frame-to-media grouping is `records.media_layout(record, num_frames)`. Embedded bytes take precedence
