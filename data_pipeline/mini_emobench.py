@@ -253,7 +253,8 @@ def _question(task: str, rng: np.random.Generator, media: str, **kw) -> str:
 
 def _record(rid: str, task: str, question: str, answer: str, *, media: str = "image", label=None,
             options=None, rationale: str, meta: dict) -> dict[str, Any]:
-    """A record in contract key order; the media path (`media` key) is filled in when the frames are saved."""
+    """A record, keys in the schema's order (`data_pipeline.records`); the media path (`media` key) is
+    filled in when the frames are saved."""
     turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     rec: dict[str, Any] = {"id": rid, "task": task, media: None, "conversations": turns}
     if label is not None:

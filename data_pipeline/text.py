@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
-TINY_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4, fixed by the contract
+TINY_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4 in every tiny tokenizer, whatever its texts
 MEDIA_MARKERS = ("<image>", "<video>")
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MEDIA_MARKERS) + ")")
 
