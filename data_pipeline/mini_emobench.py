@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipeline.records import IMAGE_MARKER, VIDEO_MARKER
+
 VERSION = 2
 IMAGE_SIZE = 64
 NUM_FRAMES = 4
@@ -247,7 +249,7 @@ def _describe(cues) -> str:
 
 
 def _question(task: str, rng: np.random.Generator, media: str, **kw) -> str:
-    marker = "<video>" if media == "video" else "<image>"
+    marker = VIDEO_MARKER if media == "video" else IMAGE_MARKER
     return f"{marker}\n" + _pick(rng, INSTRUCTIONS[task]).format(media=media, **kw)
 
 
@@ -390,7 +392,8 @@ def _vqa_item(rid: str, rng):
     else:
         c, s = _pick(rng, items)
         q, a, why = f"What shape is the {c} object?", s, f"The {c} object is a {s}."
-    rec = _record(rid, "vqa", f"<image>\n{q} Answer with one word.", a, rationale=why, meta={"kind": kind})
+    question = f"{IMAGE_MARKER}\n{q} Answer with one word."
+    rec = _record(rid, "vqa", question, a, rationale=why, meta={"kind": kind})
     return rec, [draw_shapes(items, rng)]
 
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.records import IMAGE_MARKER, VIDEO_MARKER
+
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 TINY_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4 in every tiny tokenizer, whatever its texts
-MEDIA_MARKERS = ("<image>", "<video>")
+MEDIA_MARKERS = (IMAGE_MARKER, VIDEO_MARKER)
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MEDIA_MARKERS) + ")")
 
 
@@ -156,9 +158,8 @@ def train_tiny_tokenizer(
     tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
-    tok.add_special_tokens(
-        [tokenizers.AddedToken(t, special=True, normalized=False) for t in (*TINY_SPECIAL_TOKENS, "<video>")]
-    )
+    specials = (*TINY_SPECIAL_TOKENS, VIDEO_MARKER)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
     tok.decoder = None
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
