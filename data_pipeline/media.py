@@ -1,4 +1,4 @@
-"""Image and video decoding, LLaVA/CLIP preprocessing and uniform frame sampling.
+"""Image and video decoding, LLaVA/CLIP preprocessing, uniform frame sampling and media file checks.
 
 Everything returns numpy (NHWC); nothing here touches JAX, so it runs in Grain worker processes.
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline.records import IMAGE_SUFFIXES, media_paths, resolve_media_path
+from data_pipeline.paths import IMAGE_SUFFIXES, frame_files, media_paths, resolve_media_path
 
 # OpenAI CLIP normalisation constants (the values in transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,7 +68,7 @@ def preprocess_image(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> np.ndarray:
-    """`uint8[H, W, 3]` -> CLIP-normalised `float32[size, size, 3]`.
+    """`uint8[H, W, 3]` -> normalised `float32[size, size, 3]` (CLIP's mean and std unless given).
 
     mode="pad": LLaVA-1.5's `image_aspect_ratio="pad"`: pad to a square with the mean colour
       (`int(255 * mean)`), centred, then bicubic resize to `size` x `size`.
@@ -116,11 +116,6 @@ def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
         raise ValueError(f"need total >= 1 and num_frames >= 1, got total={total}, num_frames={num_frames}")
     idx = ((np.arange(num_frames) + 0.5) * total / num_frames).astype(np.int64)
     return np.minimum(idx, total - 1)
-
-
-def frame_files(directory: str | os.PathLike) -> list[Path]:
-    """Image files in `directory`, sorted by name (frames are named so that this is temporal order)."""
-    return sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def count_video_frames(src: str | os.PathLike | bytes) -> int:
@@ -208,7 +203,8 @@ def load_media(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> np.ndarray:
-    """All frames of a record's media, preprocessed: `float32[F, image_size, image_size, 3]`.
+    """All frames of a record's media, each through `preprocess_image(frame, image_size, mode, mean, std)`:
+    `float32[F, image_size, image_size, 3]`.
 
     F = number of images (1 per image) or `num_frames` for a video; F = 0 for a text-only record.
     Frame-to-media grouping is `records.media_layout(record, num_frames)`. Embedded bytes take precedence
@@ -240,13 +236,60 @@ def load_media(
     return prep([])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# File checks (record validation with `check_media`): cheaper than decoding, same verdict on the file
+
+
+def image_problem(path: Path) -> str | None:
+    """Why the image file at `path` cannot be used (missing, empty, not decodable), or None if it is fine."""
+    if not path.is_file():
+        return "file not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many exception types for corrupt data
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def video_problem(path: Path, num_frames: int | None) -> str | None:
+    """Why the video at `path` cannot give `num_frames` frames, or None if it can.
+
+    `path` is a video container, a directory of frame images, or one image file (checked as an image).
+    Containers are opened with PyAV and their frames counted (`count_video_frames`).
+    """
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return image_problem(path)
+    if path.is_dir():
+        total = len(frame_files(path))
+        if not total:
+            return "frame directory holds no image files"
+    elif not path.is_file():
+        return "file not found"
+    elif path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    else:
+        try:
+            total = count_video_frames(path)
+        except Exception as e:  # PyAV raises av.error.* subclasses for corrupt containers
+            return f"unreadable video ({type(e).__name__}: {e})"
+    if num_frames is not None and total < num_frames:
+        return f"has {total} frames, fewer than the {num_frames} frames asked for"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Media files as bytes (ArrayRecord / TFDS conversion)
+
 # media_kind: how `media` decodes back into record fields
 KIND_FIELD = {"image": "image_bytes", "frames": "video_frames_bytes", "video": "video_bytes"}
 
 
 def read_media_bytes(record: dict[str, Any], data_root: str | os.PathLike) -> tuple[str, list[bytes]]:
     """A record's media as encoded files: ("image", [png]), ("frames", [png, ...]), ("video", [mp4]) or
-    ("", []). Frame directories are listed with `media.frame_files` (sorted by name)."""
+    ("", []). Frame directories are listed with `paths.frame_files` (sorted by name)."""
     kind, paths = media_paths(record)
     if kind is None:
         return "", []

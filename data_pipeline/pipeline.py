@@ -48,7 +48,10 @@ class PipelineSpec:
       template: chat template name (`text.TEMPLATES`).
       prompt_prefix: record -> text put before the first question (EmoPrompt); must be picklable.
     Media and visual tokens:
-      image_size, image_mode ("pad" | "crop"), num_frames (frames sampled per video).
+      image_size, image_mode ("pad" | "crop"), image_mean, image_std: the vision tower's preprocessing
+        (`media.preprocess_image`): resize to `image_size`, then `(x / 255 - image_mean) / image_std` per
+        RGB channel; "pad" fills with the mean colour. Defaults: CLIP's.
+      num_frames: frames sampled per video.
       max_media_frames: K, the frame slots per sample (`pixel_values float32[B, K, S, S, 3]`).
       visual_tokens_per_frame, video_pooling ("concat" | "mean"): a media item of F frames becomes
         `F * visual_tokens_per_frame` image tokens ("concat") or `visual_tokens_per_frame` ("mean"),
@@ -68,6 +71,8 @@ class PipelineSpec:
     template: str = "vicuna_v1"
     image_size: int = 64
     image_mode: str = "pad"
+    image_mean: tuple[float, float, float] = media.CLIP_MEAN
+    image_std: tuple[float, float, float] = media.CLIP_STD
     num_frames: int = 4
     max_media_frames: int = 4
     visual_tokens_per_frame: int = 16
@@ -99,6 +104,13 @@ class PipelineSpec:
             raise ValueError(f"video_pooling must be 'concat' or 'mean', got {self.video_pooling!r}")
         if self.max_media_frames < 1:
             raise ValueError(f"max_media_frames must be >= 1, got {self.max_media_frames}")
+        for name in ("image_mean", "image_std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise ValueError(f"{name} must hold 3 values (R, G, B), got {getattr(self, name)}")
+            object.__setattr__(self, name, values)
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {self.image_std}")
 
     def visual_tokens(self, num_frames: int) -> int:
         """Image tokens standing for one media item of `num_frames` frames."""
@@ -136,7 +148,7 @@ class _Encoder:
             raise ValueError(f"{sum(layout)} frames > max_media_frames {spec.max_media_frames}")
         root = spec.data_root if spec.data_root is not None else os.path.dirname(source)
         frames = media.load_media(record, root, image_size=spec.image_size, num_frames=spec.num_frames,
-                                  mode=spec.image_mode)
+                                  mode=spec.image_mode, mean=spec.image_mean, std=spec.image_std)
         prefix = spec.prompt_prefix(record) if spec.prompt_prefix is not None else ""
         ids, mask = text.encode_conversation(
             record["conversations"], spec.template, self.tokenizer,

@@ -22,12 +22,13 @@ A record holds images or a video, not both. Paths are relative to a data root an
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from data_pipeline.paths import media_paths, resolve_media_path
 
 TASKS = ("emo_c", "emo_o", "intent", "hate", "humor", "sarcasm", "caption", "vqa")
 EMOTION_TASKS = TASKS[:6]
@@ -40,7 +41,6 @@ OPTIONAL_FIELDS = (
 ALLOWED_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class RecordError(Exception):
@@ -148,16 +148,6 @@ def iter_records(
             yield index, obj
     else:
         raise ValueError(f"{path}: unsupported record file type {path.suffix!r} (expected .json or .jsonl)")
-
-
-def media_paths(record: Mapping[str, Any]) -> tuple[str | None, list[str]]:
-    """Returns `(kind, paths)` with kind "image" | "video" | None; paths as written in the record."""
-    for kind in ("image", "video"):
-        value = record.get(kind)
-        if value is None:
-            continue
-        return kind, [value] if isinstance(value, str) else list(value)
-    return None, []
 
 
 def media_layout(record: Mapping[str, Any], num_frames: int) -> list[int]:
@@ -342,24 +332,9 @@ def _check_length(texts, max_chars, length_fn, max_tokens, err) -> None:
                 "truncated")
 
 
-@functools.lru_cache(maxsize=64)
-def _resolved_root(root: str, cwd: str) -> Path:
-    """The data root, resolved once per (root, working directory): every record's media path needs it."""
-    return Path(cwd, root).resolve()
-
-
-def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Path:
-    """`data_root / path`; ValueError for an absolute path or one that resolves outside the root."""
-    if os.path.isabs(path):
-        raise ValueError(f"absolute path {path!r} refused; media paths are relative to the data root")
-    root = _resolved_root(str(data_root if data_root is not None else "."), os.getcwd())
-    full = (root / path).resolve()
-    if not full.is_relative_to(root):
-        raise ValueError(f"path {path!r} resolves to {full}, outside the data root {root}")
-    return full
-
-
 def _check_media_paths(kind, paths, data_root, num_frames, check_media, err) -> None:
+    """Paths must stay under the data root and a frame list must hold `num_frames` frames; with
+    `check_media`, every file must also decode (`media.image_problem`, `media.video_problem`)."""
     resolved: list[Path] = []
     for p in paths:
         try:
@@ -372,51 +347,12 @@ def _check_media_paths(kind, paths, data_root, num_frames, check_media, err) -> 
         err("video", f"has {len(paths)} frames, fewer than the {num_frames} frames asked for")
     if not check_media:
         return
-    if kind == "video" and len(paths) == 1 and resolved[0].suffix.lower() not in IMAGE_SUFFIXES:
-        _check_video(paths[0], resolved[0], num_frames, err)
-        return
-    for p, full in zip(paths, resolved, strict=True):
-        problem = image_problem(full)
+    from data_pipeline import media  # here, not at the top: schema-only checks need neither PIL nor numpy
+
+    if kind == "video" and len(paths) == 1:
+        problems = [media.video_problem(resolved[0], num_frames)]
+    else:
+        problems = [media.image_problem(full) for full in resolved]
+    for p, problem in zip(paths, problems, strict=True):
         if problem:
             err(kind, f"{p}: {problem}")
-
-
-def image_problem(path: Path) -> str | None:
-    """Why the image file at `path` cannot be used (missing, empty, not decodable), or None if it is fine."""
-    from PIL import Image  # local import: schema checks should not pay for PIL
-
-    if not path.is_file():
-        return "file not found"
-    if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many exception types for corrupt data
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return None
-
-
-def _check_video(p: str, full: Path, num_frames: int | None, err) -> None:
-    from data_pipeline import media
-
-    if full.is_dir():
-        frames = media.frame_files(full)
-        if not frames:
-            err("video", f"{p}: frame directory holds no image files")
-            return
-        total = len(frames)
-    elif not full.is_file():
-        err("video", f"{p}: file not found")
-        return
-    elif full.stat().st_size == 0:
-        err("video", f"{p}: empty file (0 bytes)")
-        return
-    else:
-        try:
-            total = media.count_video_frames(full)
-        except Exception as e:  # PyAV raises av.error.* subclasses for corrupt containers
-            err("video", f"{p}: unreadable video ({type(e).__name__}: {e})")
-            return
-    if num_frames is not None and total < num_frames:
-        err("video", f"{p}: has {total} frames, fewer than the {num_frames} frames asked for")

@@ -7,7 +7,7 @@ pipeline can skip bad records against an error budget and name them:
     {"record": dict | None, "source": str, "line": int, "errors": list[RecordError]}
 
 `line` is the 1-based line for JSONL, the 1-based record number for a JSON list or an ArrayRecord shard set.
-Validation (C1's `validate_record`) is "lazy" (in `__getitem__`, inside Grain workers), "upfront" (all
+Validation (`records.validate_record`) is "lazy" (in `__getitem__`, inside Grain workers), "upfront" (all
 records at construction; `valid_indices()` then lists the good ones) or "none".
 """
 
@@ -126,14 +126,6 @@ class _ValidatingSource:
         self.valid_indices()
         return self._invalid
 
-    def problems(self) -> list[RecordError]:
-        """Every problem in the source (reads and validates everything)."""
-        out: list[RecordError] = []
-        for i in range(len(self)):
-            record, source, line, errors = self._read(i)
-            out += self._check(record, source, line, errors)
-        return out
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} records, validate={self.validate!r})"
 
@@ -145,8 +137,8 @@ class JsonRecordSource(_ValidatingSource):
     The file is opened once, at construction, and the line index is built from that same open file; reads
     are `os.pread`s on it (no shared position, so Grain's reader threads can share it). The offsets therefore
     always describe the bytes being read, even when the path is later replaced (a rewritten stage mixture,
-    another run regenerating the data): re-resolving the path lazily, as an earlier version did, read a new
-    file at the old offsets ("malformed JSON" at some line). The descriptor is owned by a file object that
+    another run regenerating the data); re-opening the path at read time would read the new file at the old
+    offsets ("malformed JSON" at some line). The descriptor is owned by a file object that
     closes it exactly once. A pickled copy (Grain worker) reopens the path and refuses a file that changed
     since it was indexed.
     """

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.records import IMAGE_MARKER, VIDEO_MARKER
+
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
-TINY_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4, fixed by the contract
-MEDIA_MARKERS = ("<image>", "<video>")
+TINY_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4 in every tiny tokenizer, whatever its texts
+MEDIA_MARKERS = (IMAGE_MARKER, VIDEO_MARKER)
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MEDIA_MARKERS) + ")")
 
 
@@ -156,9 +158,8 @@ def train_tiny_tokenizer(
     tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
-    tok.add_special_tokens(
-        [tokenizers.AddedToken(t, special=True, normalized=False) for t in (*TINY_SPECIAL_TOKENS, "<video>")]
-    )
+    specials = (*TINY_SPECIAL_TOKENS, VIDEO_MARKER)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
     tok.decoder = None
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
@@ -386,8 +387,3 @@ def _encode_piece(tokenizer: Tokenizer, text: str) -> list[int]:
     if not text.strip(" "):
         return [] if tokenizer.space_joins_pieces or not text else tokenizer.encode(text)
     return tokenizer.encode(text)
-
-
-def count_media_markers(record_convs: Sequence[dict]) -> int:
-    """Number of `<image>`/`<video>` markers in a conversation's text."""
-    return sum(len(_MARKER_RE.findall(m.get("value") or "")) for m in record_convs)

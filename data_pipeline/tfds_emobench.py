@@ -25,6 +25,8 @@ from data_pipeline.media import KIND_FIELD, read_media_bytes
 from data_pipeline.records import iter_records
 
 SPLITS = ("train", "validation", "test")
+
+
 def example_to_record(example: dict[str, Any]) -> dict[str, Any]:
     """A `tfds.data_source` element (numpy) -> a record dict with embedded media (`records` schema)."""
 

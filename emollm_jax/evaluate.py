@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.records import OBJECTIVE_TASKS
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
-
-OBJECTIVE_TASKS = ("caption", "vqa")
 
 # ------------------------------------------------------------------------------------------ pure metrics
 

@@ -233,3 +233,22 @@ def test_visual_tokens_pooling_and_callable():
     assert spec.visual_tokens(4) == 21
     with pytest.raises(ValueError, match="strictly increasing"):
         dataclasses.replace(spec, seq_buckets=(256, 128))
+
+
+def test_spec_carries_the_image_normalisation(bench):
+    """The spec's mean and std reach `media.load_media`; the defaults are CLIP's."""
+    from data_pipeline import media
+
+    root, records, tok = bench
+    default = _spec(root, num_epochs=1, shuffle=False, batch_size=1)
+    assert (default.image_mean, default.image_std) == (media.CLIP_MEAN, media.CLIP_STD)
+    half = dataclasses.replace(default, image_mean=[0.5, 0.5, 0.5], image_std=(0.5, 0.5, 0.5))
+    assert half.image_mean == (0.5, 0.5, 0.5) and hash(half)
+    batch = next(pipeline.make_train_iterator(half, tokenizer=tok, process_index=0, process_count=1))
+    assert int((batch["frame_media"][0] >= 0).sum()) == 1 and "image" in records[0]
+    want = media.load_media(records[0], root, image_size=S, num_frames=K, mean=(0.5,) * 3, std=(0.5,) * 3)
+    np.testing.assert_array_equal(batch["pixel_values"][0, :1], want)
+    with pytest.raises(ValueError, match="3 values"):
+        dataclasses.replace(default, image_mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="positive"):
+        dataclasses.replace(default, image_std=(0.5, 0.0, 0.5))

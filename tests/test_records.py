@@ -280,3 +280,30 @@ def test_error_budget():
     assert "label: 2" in msg and "f.jsonl:1: label: bad" in msg
     with pytest.raises(ErrorBudgetExceeded):
         ErrorBudget(0).skip([e1])
+
+
+def test_data_pipeline_imports_form_no_cycle():
+    """The package's modules import one another one way only (paths <- media <- records <- ...), counting
+    imports inside functions too."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "data_pipeline"
+    mods = {f.stem for f in pkg.glob("*.py")} - {"__init__"}
+    graph = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse((pkg / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "data_pipeline":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("data_pipeline."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("data_pipeline.")}
+        graph[m] = deps & mods - {m}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph[start])
+
+    assert [m for m in sorted(mods) if reaches(m, m)] == []
+    assert graph["paths"] == set() and graph["media"] == {"paths"}
