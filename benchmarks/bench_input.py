@@ -115,7 +115,7 @@ def default_job_rates(batches: int, steps: int) -> dict:
     """(pipeline samples/s, train-step samples/s) of the default job's emotional stage, same process."""
     import jax
 
-    from emollm_jax import experiment, sharding, train
+    from emollm_jax import data, experiment, sharding, train
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = experiment.load_config(os.path.join(root, "configs", "emobench.py"), "tiny")
@@ -128,11 +128,11 @@ def default_job_rates(batches: int, steps: int) -> dict:
         index = list(config.stage_order).index("emotional")
         stage = config.stages.emotional
         st = train.build_stage(config, index, base, mesh, total_steps=1000)
-        data, _ = train.default_data_factory(config, stage, setup, tokenizer, base, int(stage.batch_size),
-                                             0, 1, workdir=workdir)
-        next(data)
+        stream, _ = data.stage_stream(config, stage, setup, tokenizer, base, int(stage.batch_size), 0, 1,
+                                      workdir=workdir)
+        next(stream)
         start = time.perf_counter()
-        host = [train._host_batch(next(data)) for _ in range(batches)]
+        host = [train._host_batch(next(stream)) for _ in range(batches)]
         pipeline_rate = batches * stage.batch_size / (time.perf_counter() - start)
 
         params = train.init_params(config, st.model_cfg, st.param_shardings)

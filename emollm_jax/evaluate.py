@@ -11,7 +11,6 @@ Outputs under `<workdir>/eval/`: results.json, report.md, predictions.jsonl, con
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -284,7 +283,7 @@ def record_batches(config: Any, records_path: str | os.PathLike, data_root: str 
                    model: Any, *, prompt_prefix: Callable[[Mapping], str] | None = None,
                    max_examples: int = 0, tmp_dir: str | os.PathLike | None = None,
                    validate: str = "lazy") -> tuple[Iterable, int]:
-    """(batches, number of batches) of left-padded prompts for the records of a file, via C2's pipeline.
+    """(batches, number of batches) of left-padded prompts for the records of a file.
 
     `max_examples` > 0 evaluates a per-task subset (written under `tmp_dir`). Sequence buckets are powers of
     two up to the decoder's context minus the answer budget; a longer prompt is an error naming the record.
@@ -293,33 +292,18 @@ def record_batches(config: Any, records_path: str | os.PathLike, data_root: str 
 
     from data_pipeline import pipeline
     from data_pipeline.records import iter_records
-    from emollm_jax.models.emollm import visual_tokens_per_media
+    from emollm_jax import data
 
     records_path = Path(records_path)
     if max_examples > 0:
         if tmp_dir is None:
             raise ValueError("record_batches: max_examples > 0 needs a tmp_dir for the subset file")
         records_path = _subset_per_task(records_path, max_examples, Path(tmp_dir) / records_path.name)
-    model_cfg = model.config
-    context = int(model_cfg.text.max_position_embeddings) - int(config.eval.max_new_tokens)
-    buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096, 8192) if b <= context) or (context,)
-    frames = int(config.data.num_frames)
-    spec = pipeline.PipelineSpec(
-        sources=(str(records_path),),
-        tokenizer=str(getattr(tokenizer, "name", "")),
-        data_root=str(data_root),
-        template=config.data.template,
-        image_size=int(config.model.vision.image_size),
-        num_frames=frames,
-        max_media_frames=max(frames, 1),
-        visual_tokens_fn=functools.partial(visual_tokens_per_media, model_cfg),
-        batch_size=int(config.eval.batch_size),
-        seq_buckets=buckets,
-        shuffle=False,
-        num_epochs=1,
-        prompt_prefix=prompt_prefix,
-        validate=validate,
-    )
+    spec = data.pipeline_spec(
+        config, model.config, sources=(str(records_path),), tokenizer=str(getattr(tokenizer, "name", "")),
+        data_root=str(data_root), batch_size=int(config.eval.batch_size), training=False,
+        seq_buckets=data.eval_buckets(model.config, int(config.eval.max_new_tokens)),
+        prompt_prefix=prompt_prefix, validate=validate)
     n = sum(1 for _ in iter_records(records_path))
     return pipeline.make_eval_batches(spec, tokenizer=tokenizer), math.ceil(n / spec.batch_size)
 
@@ -339,8 +323,9 @@ def gold_answers(records_path: str | os.PathLike) -> dict[str, str]:
 def stop_ids(config: Any, tokenizer: Any) -> list[int]:
     """Token ids that end an answer: the template's end-of-turn token, then eos."""
     from data_pipeline.text import end_of_turn_id
+    from emollm_jax.data import template_name
 
-    eot = end_of_turn_id(config.data.template, tokenizer)
+    eot = end_of_turn_id(template_name(config), tokenizer)
     return list(dict.fromkeys([int(eot), int(tokenizer.eos_id)]))
 
 

@@ -110,7 +110,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
             from data_pipeline.text import train_tiny_tokenizer
 
             log.info("training the tiny word-level tokenizer into %s", tok_path)
-            train_tiny_tokenizer(_record_texts(root, config.data.train_split, config.data.template), tok_path)
+            from emollm_jax.data import template_name
+
+            texts = _record_texts(root, config.data.train_split, template_name(config))
+            train_tiny_tokenizer(texts, tok_path)
     if jax.process_count() > 1:  # always: the others' view of must_* may already see process 0's files
         from jax.experimental import multihost_utils
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ import optax
 from flax import nnx
 
 from emollm_jax import experiment, flops, sharding
+from emollm_jax.data import stage_stream
 from emollm_jax.metrics import MetricsLogger, StageProgress
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 
@@ -253,56 +252,6 @@ def stage_steps(stage: ml_collections.ConfigDict, num_records: int) -> int:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def stage_records(setup: experiment.DataSetup, split: str, tasks: tuple[str, ...],
-                  out: Path) -> tuple[Path, int]:
-    """Writes the records of `tasks` from `<root>/<split>.jsonl` to `out` (a stage's mixture, in file order);
-    returns (path, record count). Rewritten atomically, so concurrent processes agree."""
-    from data_pipeline.records import iter_records
-
-    src = Path(setup.root) / f"{split}.jsonl"
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no {split!r} record file (config.data.root={setup.root!r})")
-    lines = [json.dumps(rec) for _, rec in iter_records(src) if rec.get("task") in tasks]
-    if not lines:
-        raise ValueError(f"{src}: no record of tasks {list(tasks)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    return out, len(lines)
-
-
-def default_data_factory(config, stage, setup, tokenizer, model_cfg, local_batch, process_index,
-                         process_count, *, workdir: str) -> tuple[StageData, int]:
-    """C2's Grain pipeline for one stage: this process's shard of the stage's task mixture, repeated."""
-    from data_pipeline import pipeline
-    from emollm_jax import emoprompt
-    from emollm_jax.models.emollm import visual_tokens_per_media
-
-    path, n = stage_records(setup, config.data.train_split, tuple(stage.tasks),
-                            Path(workdir) / "mixtures" / f"{stage.name}_{config.data.train_split}.jsonl")
-    frames = int(config.data.num_frames)
-    spec = pipeline.PipelineSpec(
-        sources=(str(path),),
-        tokenizer=setup.tokenizer_path,
-        data_root=setup.root,
-        template=config.data.template,
-        image_size=int(config.model.vision.image_size),
-        num_frames=frames,
-        max_media_frames=frames,
-        visual_tokens_fn=functools.partial(visual_tokens_per_media, model_cfg),
-        batch_size=local_batch,
-        seq_buckets=tuple(config.data.seq_buckets) or (int(config.data.max_len),),
-        seed=int(config.seed),
-        shuffle=True,
-        worker_count=int(config.data.num_workers),
-        prompt_prefix=emoprompt.from_config(config, setup.root, workdir),
-    )
-    it = pipeline.make_train_iterator(spec, tokenizer=tokenizer, process_index=process_index,
-                                      process_count=process_count)
-    return it, n
-
-
 # ------------------------------------------------------------------------------------------------- loop
 
 
@@ -335,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | N
     """
     from emollm_jax.checkpoint import Checkpointer
 
-    data_factory = data_factory or functools.partial(default_data_factory, workdir=workdir)
+    data_factory = data_factory or functools.partial(stage_stream, workdir=workdir)
     workdir_p = Path(workdir)
     lead = jax.process_index() == 0
     mesh = mesh or sharding.make_mesh(dict(config.mesh))

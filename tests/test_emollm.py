@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 import emollm_jax  # noqa: F401  (flax config first)
+from emollm_jax.models.clip import CLIPConfig
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig, check_media_tokens, visual_tokens_per_media
 from emollm_jax.models.llama import LlamaConfig, init_cache
-from emollm_jax.models.clip import CLIPConfig
 from emollm_jax.models.projectors import MLPProjectorConfig, MVPConfig
 
 IMG = 5  # image token id (inside the vocab)

@@ -10,10 +10,10 @@ from jax.sharding import PartitionSpec as P
 
 import emollm_jax  # noqa: F401  (flax config first)
 from emollm_jax.generate import generate, greedy_token, make_generate_fn, sample_token
+from emollm_jax.models.clip import CLIPConfig
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from emollm_jax.models.clip import CLIPConfig
-from emollm_jax.models.projectors import MLPProjectorConfig, MVPConfig
+from emollm_jax.models.projectors import MLPProjectorConfig
 
 V, PAD, N_NEW = 64, 0, 12
 TEXT = LlamaConfig(

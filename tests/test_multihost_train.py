@@ -58,7 +58,7 @@ def _row_keys(batch: dict) -> list[bytes]:
 def test_each_process_reads_its_half_of_every_global_batch(tmp_path):
     """The trainer's data factory with process_count=2: per step, process 0's rows + process 1's rows are
     exactly the single-process batch's rows (as a multiset), and neither process sees the other's rows."""
-    from emollm_jax import experiment, train
+    from emollm_jax import data, experiment
 
     # 12 records x 6 tasks = 72 > 3 steps x 16 rows: one epoch, so no record may recur on both processes
     config = _tiny_config(mini_train_per_task=12, mini_test_per_task=1)
@@ -70,8 +70,8 @@ def test_each_process_reads_its_half_of_every_global_batch(tmp_path):
     global_batch = int(stage.batch_size)
 
     def stream(local: int, index: int, count: int):
-        it, n = train.default_data_factory(config, stage, setup, tokenizer, model_cfg, local, index, count,
-                                           workdir=str(tmp_path))
+        it, n = data.stage_stream(config, stage, setup, tokenizer, model_cfg, local, index, count,
+                                  workdir=str(tmp_path))
         return it, n
 
     single = stream(global_batch, 0, 1)[0]

@@ -10,7 +10,12 @@ from jax.scipy.special import erf
 import emollm_jax  # noqa: F401  (flax config first)
 from emollm_jax.configuration import ConfigError
 from emollm_jax.models.parts import PROJECTORS, VisualFeatures, part_config
-from emollm_jax.models.projectors import LinearProjectorConfig, MLPProjectorConfig, MVPConfig, similarity_graph
+from emollm_jax.models.projectors import (
+    LinearProjectorConfig,
+    MLPProjectorConfig,
+    MVPConfig,
+    similarity_graph,
+)
 
 DV, D, N, P, L = 12, 20, 3, 6, 3
 

@@ -43,7 +43,8 @@ def part_family(cls: type[PartConfig], *, is_lm: bool) -> Family:
             probes = [p + cls.hf_probe_key for p in cls.hf_prefixes]
             raise CheckpointError(f"no {cls.kind} weights found: none of {probes} is in the checkpoint")
         # hf_ignore names keys beside the part's (a CLIPModel's text half), not under its prefix
-        return KeyMap.table(config.hf_key_table()).with_prefix(found) + KeyMap((), tuple(config.hf_ignore(hf)))
+        beside = KeyMap((), tuple(config.hf_ignore(hf)))
+        return KeyMap.table(config.hf_key_table()).with_prefix(found) + beside
 
     return Family(
         name=cls.kind,
