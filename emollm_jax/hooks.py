@@ -1,4 +1,4 @@
-"""What the training loop calls around its steps: logging, checkpointing, the non-finite stop.
+"""What the training loop calls around its steps: logging, checkpointing, the non-finite stop, profiling.
 
 The loop (`train.train`) runs stages and steps and nothing else; at fixed points it calls every hook in order:
 
@@ -11,7 +11,7 @@ The loop (`train.train`) runs stages and steps and nothing else; at fixed points
 
 A hook is a `Hook` subclass overriding what it needs; raising in a method stops the run (the exception
 reaches the caller of `train.train`, and the later hooks' `on_stage_end` and `close` still run). The built-in
-hooks run first, in this order: `NonFiniteStop`, `TrainLogging`, `Checkpointing`; hooks passed
+hooks run first, in this order: `NonFiniteStop`, `TrainLogging`, `Checkpointing`, `Profiling`; hooks passed
 to `train.train(..., hooks=...)` run after them, so they see steps that are finite, logged and saved.
 """
 
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from emollm_jax import flops
@@ -235,3 +236,38 @@ class TrainLogging(Hook):
                 self.logger.plot(self.stages)
         finally:
             self.logger.close()
+
+
+class Profiling(Hook):
+    """Traces `steps` step calls with `jax.profiler` into `directory` (TensorBoard's profile plugin and
+    Perfetto read it), starting right after the run's first step, so compilation stays out of the trace.
+    One trace per run; `steps` <= 0: off. A run that ends sooner stops the trace with the steps it had."""
+
+    def __init__(self, directory: str | Path, steps: int):
+        self.directory, self.steps = Path(directory), int(steps)
+        self._traced = 0  # step calls traced so far
+        self._first: tuple[str, int] | None = None  # (stage, stage step) of the first traced call, once on
+        self._done = self.steps <= 0
+
+    def on_step(self, stage: StageInfo, step: StepEvent) -> None:
+        if self._done:
+            return
+        if self._first is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self._first = (stage.name, step.stage_step + 1)
+            return
+        self._traced += 1
+        if self._traced == self.steps:
+            self._stop()
+
+    def _stop(self) -> None:
+        jax.profiler.stop_trace()
+        self._done = True
+        stage, first = self._first
+        log.info("profile of %d step calls (stage %s from step %d) -> %s", self._traced, stage, first,
+                 self.directory)
+
+    def close(self) -> None:
+        if self._first is not None and not self._done:
+            self._stop()

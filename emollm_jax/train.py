@@ -33,6 +33,7 @@ from emollm_jax.hooks import (
     Hook,
     Hooks,
     NonFiniteStop,
+    Profiling,
     StageInfo,
     StepEvent,
     TrainLogging,
@@ -380,7 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | N
     only hands its params on; one inside a stage also restores optimizer and data-iterator state.
 
     `hooks`: extra `emollm_jax.hooks.Hook`s, called after the built-in ones (non-finite stop, logging,
-    checkpointing) at each stage start, compile, step, stage end and run end; `on_step` receives
+    checkpointing, profiling) at each stage start, compile, step, stage end and run end; `on_step` receives
     the step's host metrics (loss, grad_norm, supervised_tokens) and state. See `emollm_jax.hooks`.
     """
     ctx = _run_context(config, workdir, init_from=init_from, data_factory=data_factory, mesh=mesh)
@@ -420,13 +421,17 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
 
 def builtin_hooks(ctx: RunContext) -> list[Hook]:
     """The hooks every run has, in calling order: stop on a non-finite step (before it is logged or saved),
-    logs, checkpoints."""
+    logs, checkpoints, and the optional trace of `train.profile_steps` steps into <workdir>/profile."""
     config = ctx.config
+    profile_dir = ctx.workdir / "profile"
+    if ctx.process_count > 1:
+        profile_dir = profile_dir / f"process_{ctx.process_index}"
     return [
         NonFiniteStop(ctx.ckpt),
         TrainLogging(ctx.workdir, log_every=int(config.train.log_every), peak_flops=ctx.peak_flops,
                      stages=list(config.stage_order), process_count=ctx.process_count, enabled=ctx.lead),
         Checkpointing(ctx.ckpt),
+        Profiling(profile_dir, int(config.train.profile_steps)),
     ]
 
 

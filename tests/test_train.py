@@ -1,6 +1,6 @@
 """Training loop: the real tiny EmoLLM step on 8-way data parallel equals 1 device; a short two-stage
 run on generated mini-EmoBench lowers the answer loss; the chunked loss equals the plain one; NaN stops it;
-hooks passed to `train.train` see every step's metrics."""
+hooks passed to `train.train` see every step's metrics; `train.profile_steps` leaves a trace."""
 
 import importlib.util
 import json
@@ -184,20 +184,21 @@ class _Recorder(hooks.Hook):
 
 
 @pytest.fixture(scope="module")
-def hooked_run(tmp_path_factory):
-    """One 4-step stage with a recording hook."""
-    workdir = tmp_path_factory.mktemp("hooked_run")
+def profiled_run(tmp_path_factory):
+    """One 4-step stage with a trace of 2 steps and a recording hook."""
+    workdir = tmp_path_factory.mktemp("profiled_run")
     config = _tiny_run_config()
     config.stage_order = ("objective",)
     config.stages.objective.steps = 4
+    config.train.profile_steps = 2
     recorder = _Recorder()
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     result = train.train(config, str(workdir), mesh=mesh, hooks=[recorder])
     return workdir, result, recorder.calls
 
 
-def test_a_hook_receives_every_step_and_its_metrics(hooked_run):
-    workdir, result, calls = hooked_run
+def test_a_hook_receives_every_step_and_its_metrics(profiled_run):
+    workdir, result, calls = profiled_run
     assert calls[0] == ("stage_start", "objective", 4, 0)
     assert calls[-3:] == [("stage_end", "objective"), ("run_end",), ("close",)]
     assert [c[1:] for c in calls if c[0] == "compile"] == [("objective", (8, 80))]
@@ -209,3 +210,8 @@ def test_a_hook_receives_every_step_and_its_metrics(hooked_run):
         assert set(metrics) == {"loss", "grad_norm", "supervised_tokens"}
         assert all(rec[k] == v for k, v in metrics.items()), (rec, metrics)
 
+
+def test_profile_steps_leaves_a_trace_under_the_workdir(profiled_run):
+    workdir, _, _ = profiled_run
+    traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
