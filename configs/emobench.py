@@ -110,7 +110,7 @@ def _base() -> ml_collections.ConfigDict:
         max_to_keep=2,
         loss_chunk=32,       # cross-entropy over the vocab in chunks of this many positions (0: all at once);
                              # chunks where no row is supervised are skipped (answer-only loss: most are)
-        profile=False,
+        profile_steps=0,     # trace this many steps after the first one into <workdir>/profile (0: off)
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8, max_examples=0, control_split="",
                                             synonyms=""))

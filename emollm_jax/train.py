@@ -14,9 +14,9 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +27,28 @@ from flax import nnx
 
 from emollm_jax import experiment, flops, sharding
 from emollm_jax.data import stage_stream
-from emollm_jax.metrics import MetricsLogger, StageProgress
+from emollm_jax.hooks import (
+    Checkpointing,
+    Hook,
+    Hooks,
+    NonFiniteStop,
+    Profiling,
+    StageInfo,
+    StepEvent,
+    TrainLogging,
+)
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+
+if TYPE_CHECKING:
+    from emollm_jax.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media")
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss or gradient norm stopped being finite; the last complete checkpoint is left in place."""
-
-
 class StageData(Protocol):
-    """A stage's batch stream (C2's Grain iterator): numpy batches with the contract's keys, resumable."""
+    """A stage's batch stream: numpy batches with the contract's keys (BATCH_KEYS), resumable."""
 
     def __next__(self) -> dict[str, np.ndarray]: ...
     def get_state(self) -> dict: ...
@@ -196,6 +204,11 @@ class StageState:
     abstract_opt: Any
     step_fn: Callable
 
+    @property
+    def calls(self) -> int:
+        """Step calls of the stage (micro-batches): total_steps x grad_accum."""
+        return self.total_steps * self.grad_accum
+
 
 def abstract_model(model_cfg: EmoLLMConfig, seed: int = 0) -> tuple[nnx.GraphDef, Any, nnx.State]:
     """(graphdef, abstract params, other state) without allocating weights."""
@@ -257,36 +270,88 @@ def stage_steps(stage: ml_collections.ConfigDict, num_records: int) -> int:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What `train` hands back: the final params, the model they belong to, and this run's losses."""
+
     params: Any
     model_cfg: EmoLLMConfig
     global_step: int
-    losses: dict[str, list[float]]
+    losses: dict[str, list[float]]  # per stage: the losses of the step calls this run made
 
 
-def _frames(host: dict[str, np.ndarray]) -> int:
-    """Real frames in the global batch (this process's count x processes)."""
-    return int(np.sum(host["frame_media"] >= 0)) * jax.process_count() if "frame_media" in host else 0
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of one `train()` call needs, built once at its start."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    setup: experiment.DataSetup
+    tokenizer: Any
+    base_cfg: EmoLLMConfig  # the model before a stage's freezing choices
+    ckpt: Checkpointer
+    data_factory: DataFactory
+    init_from: str | None
+    peak_flops: float  # per process, for MFU
+    process_index: int
+    process_count: int
+    hooks: Hooks = dataclasses.field(default_factory=lambda: Hooks(()))
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes the run's logs."""
+        return self.process_index == 0
 
 
-def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    missing = [k for k in ("input_ids", "attention_mask", "targets", "loss_mask") if k not in batch]
-    if missing:
-        raise KeyError(f"training batch lacks {missing}; has {sorted(batch)}")
-    return {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
+@dataclasses.dataclass
+class StageRun:
+    """One stage as this run meets it: its compiled state, its batch stream and where the run enters it.
+    Global step = `offset` + stage step."""
+
+    state: StageState
+    data: StageData
+    offset: int  # global steps before the stage's first step call
+    initial_step: int = 0  # step calls of the stage done before this run (a resume point)
+    compiled: dict[tuple[int, ...], Any] = dataclasses.field(default_factory=dict)  # one per batch shape
+
+    def info(self) -> StageInfo:
+        st = self.state
+        projector = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(st.abstract_params["projector"]))
+        return StageInfo(name=st.name, index=st.index, steps=st.calls, initial_step=self.initial_step,
+                         grad_accum=st.grad_accum, lr_fn=st.lr_fn, model_cfg=st.model_cfg,
+                         trainable=st.trainable, projector_params=projector)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None,
-          data_factory: DataFactory | None = None, mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+          data_factory: DataFactory | None = None, mesh: jax.sharding.Mesh | None = None,
+          hooks: Sequence[Hook] = ()) -> TrainResult:
     """Runs every stage of `config.stage_order`, resuming from the latest checkpoint in `workdir` if any.
 
     Global step g lies in stage i when offset_i < g <= offset_i + total_i. A checkpoint at a stage's last step
     only hands its params on; one inside a stage also restores optimizer and data-iterator state.
+
+    `hooks`: extra `emollm_jax.hooks.Hook`s, called after the built-in ones (non-finite stop, logging,
+    checkpointing, profiling) at each stage start, compile, step, stage end and run end; `on_step` receives
+    the step's host metrics (loss, grad_norm, supervised_tokens) and state. See `emollm_jax.hooks`.
     """
+    ctx = _run_context(config, workdir, init_from=init_from, data_factory=data_factory, mesh=mesh)
+    try:
+        ctx.hooks = Hooks([*builtin_hooks(ctx), *hooks])
+        result = _run_stages(ctx)
+        ctx.hooks.on_run_end()
+    finally:
+        try:
+            ctx.hooks.close()
+        finally:
+            ctx.ckpt.close()
+    return result
+
+
+def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | None,
+                 data_factory: DataFactory | None, mesh: jax.sharding.Mesh | None) -> RunContext:
+    """Mesh, data, tokenizer, model config, checkpointer and device peak of a run (no hooks yet)."""
     from emollm_jax.checkpoint import Checkpointer
 
-    data_factory = data_factory or functools.partial(stage_stream, workdir=workdir)
     workdir_p = Path(workdir)
-    lead = jax.process_index() == 0
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     setup = experiment.prepare_data(config, workdir)
     tokenizer = experiment.load_tokenizer(setup)
@@ -294,119 +359,130 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | N
                                        image_token_id=tokenizer.image_token_id)
     ckpt = Checkpointer(workdir_p / "checkpoints", max_to_keep=int(config.train.max_to_keep),
                         save_interval_steps=int(config.train.checkpoint_every))
-    logger = MetricsLogger(workdir_p, enabled=lead)
     peak, peak_source = flops.device_peak_flops()
     log.info("MFU peak: %.3g FLOP/s per process (%s)", peak, peak_source)
+    return RunContext(config=config, workdir=workdir_p, mesh=mesh, setup=setup, tokenizer=tokenizer,
+                      base_cfg=base_cfg, ckpt=ckpt,
+                      data_factory=data_factory or functools.partial(stage_stream, workdir=workdir),
+                      init_from=init_from, peak_flops=peak, process_index=jax.process_index(),
+                      process_count=jax.process_count())
 
-    latest = ckpt.latest_step()
+
+def builtin_hooks(ctx: RunContext) -> list[Hook]:
+    """The hooks every run has, in calling order: stop on a non-finite step (before it is logged or saved),
+    logs, checkpoints, and the optional trace of `train.profile_steps` steps into <workdir>/profile."""
+    config = ctx.config
+    profile_dir = ctx.workdir / "profile"
+    if ctx.process_count > 1:
+        profile_dir = profile_dir / f"process_{ctx.process_index}"
+    return [
+        NonFiniteStop(ctx.ckpt),
+        TrainLogging(ctx.workdir, log_every=int(config.train.log_every), peak_flops=ctx.peak_flops,
+                     stages=list(config.stage_order), process_count=ctx.process_count, enabled=ctx.lead),
+        Checkpointing(ctx.ckpt),
+        Profiling(profile_dir, int(config.train.profile_steps)),
+    ]
+
+
+def _run_stages(ctx: RunContext) -> TrainResult:
+    """Every stage in order: stages finished before the checkpoint resumed from are skipped, the stage holding
+    it is restored, the rest start with a fresh optimizer state; params carry over."""
+    latest = ctx.ckpt.latest_step()
     params, offset, global_step = None, 0, 0
     losses: dict[str, list[float]] = {}
-    streams: list[StageData] = []
-    try:
-        for index, name in enumerate(config.stage_order):
-            stage = config.stages[name]
-            n_proc = jax.process_count()
-            accum = int(stage.grad_accum)
-            data, n_records = data_factory(config, stage, setup, tokenizer, base_cfg,
-                                           stage.batch_size // accum // n_proc, jax.process_index(), n_proc)
-            streams.append(data)  # kept alive to the end: a collected record source closes its descriptor
-            updates = stage_steps(stage, n_records)
-            total = updates * accum  # step calls (micro-batches) of this stage
-            end, start = offset + total, offset
-            offset = end
-            if latest is not None and params is None and latest > end:
-                continue  # finished before the checkpoint we resume from
-            st = build_stage(config, index, base_cfg, mesh, updates)
-            opt_state, step_in_stage = None, 0
-            if latest is not None and params is None:
-                params, opt_state, meta, data_state = ckpt.restore(
-                    latest, abstract_params=st.abstract_params, abstract_opt_state=st.abstract_opt,
-                    param_shardings=st.param_shardings, opt_shardings=st.opt_shardings)
-                step_in_stage = latest - start
-                if (int(meta["stage_index"]), int(meta["stage_step"])) != (index, step_in_stage):
-                    raise ValueError(
-                        f"{workdir_p / 'checkpoints'}: checkpoint {latest} was written at stage "
-                        f"{meta['stage_name']!r} step {meta['stage_step']}, but the config places step "
-                        f"{latest} at "
-                        f"stage {name!r} step {step_in_stage}; stage lengths changed (use a new --workdir)")
-                global_step = latest
-                log.info("resumed from checkpoint %d (stage %s, step %d/%d)", latest, name, step_in_stage,
-                         total)
-                if step_in_stage >= total:
-                    continue
-                if data_state is not None:
-                    data.set_state(data_state)
-            if params is None:
-                params = init_params(config, st.model_cfg, st.param_shardings, init_from)
-            if opt_state is None:  # fresh optimizer state per stage; params carry over
-                opt_state = jax.jit(st.tx.init, out_shardings=st.opt_shardings)(params)
-            params, opt_state, global_step, losses[name] = _run_stage(
-                config, st, data, params, opt_state, step_in_stage, global_step, mesh, ckpt, logger, peak)
-            del opt_state
-        ckpt.wait()
-    finally:
-        if lead:
-            logger.plot(list(config.stage_order))
-        logger.close()
-        ckpt.close()
-    return TrainResult(params=params, model_cfg=base_cfg, global_step=global_step, losses=losses)
+    streams: list[StageData] = []  # kept alive to the end: a collected record source closes its descriptor
+    for index, name in enumerate(ctx.config.stage_order):
+        data, updates = _open_stage_data(ctx, index)
+        streams.append(data)
+        start, offset = offset, offset + updates * int(ctx.config.stages[name].grad_accum)
+        resuming = latest is not None and params is None
+        if resuming and latest > offset:
+            continue  # finished before the checkpoint we resume from
+        run = StageRun(build_stage(ctx.config, index, ctx.base_cfg, ctx.mesh, updates), data, start)
+        opt_state = None
+        if resuming:
+            params, opt_state, run.initial_step = _restore(ctx, run, latest)
+            global_step = latest
+            if run.initial_step >= run.state.calls:
+                continue
+        if params is None:
+            params = init_params(ctx.config, run.state.model_cfg, run.state.param_shardings, ctx.init_from)
+        if opt_state is None:  # fresh optimizer state per stage; params carry over
+            opt_state = jax.jit(run.state.tx.init, out_shardings=run.state.opt_shardings)(params)
+        params, losses[name] = _run_stage(ctx, run, params, opt_state)
+        global_step = offset
+        del opt_state  # donated to the stage's first step
+    return TrainResult(params=params, model_cfg=ctx.base_cfg, global_step=global_step, losses=losses)
 
 
-def _run_stage(config, st: StageState, data: Iterator, params, opt_state, step_in_stage: int,
-               global_step: int, mesh, ckpt, logger: MetricsLogger, peak: float):
-    """Step calls `step_in_stage + 1 .. total_steps * grad_accum` of one stage. Returns (params, opt_state,
-    global_step, losses of this run)."""
-    lead = jax.process_index() == 0
-    calls = st.total_steps * st.grad_accum
-    bar = StageProgress(st.name, calls, step_in_stage, enabled=lead)
-    projector_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(st.abstract_params["projector"]))
+def _open_stage_data(ctx: RunContext, index: int) -> tuple[StageData, int]:
+    """(this process's batch stream, optimizer updates) of stage `index`: the updates may follow from the
+    size of its data mixture (`epochs`)."""
+    stage = ctx.config.stages[ctx.config.stage_order[index]]
+    local_batch = stage.batch_size // int(stage.grad_accum) // ctx.process_count
+    data, n_records = ctx.data_factory(ctx.config, stage, ctx.setup, ctx.tokenizer, ctx.base_cfg, local_batch,
+                                       ctx.process_index, ctx.process_count)
+    return data, stage_steps(stage, n_records)
+
+
+def _restore(ctx: RunContext, run: StageRun, step: int) -> tuple[Any, Any, int]:
+    """(params, optimizer state, stage step) of checkpoint `step`, which the config places in `run`'s stage;
+    the batch stream continues where that checkpoint left it unless the stage was finished."""
+    st = run.state
+    params, opt_state, meta, data_state = ctx.ckpt.restore(
+        step, abstract_params=st.abstract_params, abstract_opt_state=st.abstract_opt,
+        param_shardings=st.param_shardings, opt_shardings=st.opt_shardings)
+    step_in_stage = step - run.offset
+    if (int(meta["stage_index"]), int(meta["stage_step"])) != (st.index, step_in_stage):
+        raise ValueError(
+            f"{ctx.workdir / 'checkpoints'}: checkpoint {step} was written at stage {meta['stage_name']!r} "
+            f"step {meta['stage_step']}, but the config places step {step} at stage {st.name!r} step "
+            f"{step_in_stage}; stage lengths changed (use a new --workdir)")
+    log.info("resumed from checkpoint %d (stage %s, step %d/%d)", step, st.name, step_in_stage, st.calls)
+    if step_in_stage < st.calls and data_state is not None:
+        run.data.set_state(data_state)
+    return params, opt_state, step_in_stage
+
+
+def _run_stage(ctx: RunContext, run: StageRun, params: Any, opt_state: Any) -> tuple[Any, list[float]]:
+    """Step calls `run.initial_step + 1 .. calls` of one stage; returns (params, the losses of those calls).
+    The hooks see each step; the loop only feeds batches and steps."""
+    st, data, hooks = run.state, run.data, ctx.hooks
+    info = run.info()
     losses: list[float] = []
-    compiled: dict[tuple[int, ...], Any] = {}  # one executable per sequence bucket (batch shape)
-    window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
-    upcoming = (_host_batch(next(data)), data.get_state()) if step_in_stage < calls else None
+    hooks.on_stage_start(info)
     try:
-        for s in range(step_in_stage + 1, calls + 1):
+        upcoming = (_host_batch(next(data)), data.get_state()) if run.initial_step < st.calls else None
+        for s in range(run.initial_step + 1, st.calls + 1):
             host, data_state = upcoming  # data_state: the iterator just past this batch, for a resume
-            batch = sharding.global_batch(host, mesh)
-            shape = tuple(batch["input_ids"].shape)
-            if shape not in compiled:
-                t0 = time.perf_counter()
-                compiled[shape] = st.step_fn.lower(params, opt_state, batch).compile()
-                log.info("stage %s: train step for batch %s compiled in %.1f s", st.name, shape,
-                         time.perf_counter() - t0)
-                window_t = time.perf_counter()
-            params, opt_state, metrics = compiled[shape](params, opt_state, batch)
-            if s < calls:  # the next batch is read while the device runs this step (dispatch is asynchronous)
+            batch = sharding.global_batch(host, ctx.mesh)
+            step_fn = _executable(ctx, run, info, params, opt_state, batch)
+            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            if s < st.calls:  # the next batch is read while the device runs this step (asynchronous dispatch)
                 upcoming = (_host_batch(next(data)), data.get_state())
-            metrics = jax.device_get(metrics)
-            loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-            global_step += 1
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                raise NonFiniteError(f"stage {st.name!r} step {s} (global step {global_step}): loss={loss}, "
-                                     f"grad_norm={gnorm}; stopping, the last complete checkpoint "
-                                     f"(step {ckpt.latest_step()}) is kept")
-            losses.append(loss)
-            b, t = host["input_ids"].shape
-            window_tokens += b * t * jax.process_count()
-            window_steps += 1
-            if s % config.train.log_every == 0 or s == calls:
-                dt = time.perf_counter() - window_t
-                frames = _frames(host)
-                f = flops.step_flops(st.model_cfg, batch=b * jax.process_count(), seq_len=t, frames=frames,
-                                     projector_params=projector_params, trainable=st.trainable)
-                step_time = dt / max(window_steps, 1)
-                rec = dict(step=global_step, stage=st.name, stage_step=s, loss=loss,
-                           lr=float(st.lr_fn((s - 1) // st.grad_accum)),
-                           grad_norm=gnorm, supervised_tokens=float(metrics["supervised_tokens"]),
-                           tokens_per_s=window_tokens / dt, step_time_s=step_time,
-                           mfu=flops.mfu(f.total / jax.process_count(), step_time, peak))
-                logger.write(rec)
-                bar.update(window_steps, loss=loss, tok_s=rec["tokens_per_s"])
-                window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
-            meta = dict(stage_index=st.index, stage_name=st.name, stage_step=s, global_step=global_step)
-            ckpt.save(global_step, params=params, opt_state=opt_state, meta=meta, data_state=data_state,
-                      force=s == calls)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            event = StepEvent(stage_step=s, global_step=run.offset + s, metrics=metrics, batch=host,
+                              params=params, opt_state=opt_state, data_state=data_state)
+            hooks.on_step(info, event)
+            losses.append(metrics["loss"])
     finally:
-        bar.close()
-        logger.flush()
-    return params, opt_state, global_step, losses
+        hooks.on_stage_end(info)
+    return params, losses
+
+
+def _executable(ctx: RunContext, run: StageRun, info: StageInfo, params: Any, opt_state: Any,
+                batch: dict[str, jax.Array]) -> Callable:
+    """The stage's step compiled for this batch shape (one executable per sequence bucket)."""
+    shape = tuple(batch["input_ids"].shape)
+    if shape not in run.compiled:
+        t0 = time.perf_counter()
+        run.compiled[shape] = run.state.step_fn.lower(params, opt_state, batch).compile()
+        ctx.hooks.on_compile(info, shape, time.perf_counter() - t0)
+    return run.compiled[shape]
+
+
+def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = [k for k in ("input_ids", "attention_mask", "targets", "loss_mask") if k not in batch]
+    if missing:
+        raise KeyError(f"training batch lacks {missing}; has {sorted(batch)}")
+    return {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}

@@ -1,5 +1,6 @@
 """Training loop: the real tiny EmoLLM step on 8-way data parallel equals 1 device; a short two-stage
-run on generated mini-EmoBench lowers the answer loss; the chunked loss equals the plain one; NaN stops it."""
+run on generated mini-EmoBench lowers the answer loss; the chunked loss equals the plain one; NaN stops it;
+hooks passed to `train.train` see every step's metrics; `train.profile_steps` leaves a trace."""
 
 import importlib.util
 import json
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emollm_jax import experiment, sharding, train
+from emollm_jax import experiment, hooks, sharding, train
 
 _PATH = Path(__file__).resolve().parents[1] / "configs" / "emobench.py"
 _spec = importlib.util.spec_from_file_location("emobench_config", _PATH)
@@ -153,5 +154,64 @@ def test_non_finite_loss_stops_with_stage_and_step(tiny_run, tmp_path):
     config.stages.objective.grad_clip = 0.0
     config.stages.objective.steps = 4
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    with pytest.raises(train.NonFiniteError, match=r"stage 'objective' step [2-4]"):
+    with pytest.raises(hooks.NonFiniteError, match=r"stage 'objective' step [2-4]"):
         train.train(config, str(tmp_path), mesh=mesh)
+
+
+class _Recorder(hooks.Hook):
+    """Writes down every call the loop makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_stage_start(self, stage):
+        self.calls.append(("stage_start", stage.name, stage.steps, stage.initial_step))
+
+    def on_compile(self, stage, shape, seconds):
+        self.calls.append(("compile", stage.name, shape))
+
+    def on_step(self, stage, step):
+        self.calls.append(("step", stage.name, step.stage_step, step.global_step, dict(step.metrics)))
+
+    def on_stage_end(self, stage):
+        self.calls.append(("stage_end", stage.name))
+
+    def on_run_end(self):
+        self.calls.append(("run_end",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory):
+    """One 4-step stage with a trace of 2 steps and a recording hook."""
+    workdir = tmp_path_factory.mktemp("profiled_run")
+    config = _tiny_run_config()
+    config.stage_order = ("objective",)
+    config.stages.objective.steps = 4
+    config.train.profile_steps = 2
+    recorder = _Recorder()
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    result = train.train(config, str(workdir), mesh=mesh, hooks=[recorder])
+    return workdir, result, recorder.calls
+
+
+def test_a_hook_receives_every_step_and_its_metrics(profiled_run):
+    workdir, result, calls = profiled_run
+    assert calls[0] == ("stage_start", "objective", 4, 0)
+    assert calls[-3:] == [("stage_end", "objective"), ("run_end",), ("close",)]
+    assert [c[1:] for c in calls if c[0] == "compile"] == [("objective", (8, 80))]
+    steps = [c for c in calls if c[0] == "step"]
+    assert [(c[2], c[3]) for c in steps] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert [c[4]["loss"] for c in steps] == result.losses["objective"]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for rec, (*_, metrics) in zip(records, steps, strict=True):
+        assert set(metrics) == {"loss", "grad_norm", "supervised_tokens"}
+        assert all(rec[k] == v for k, v in metrics.items()), (rec, metrics)
+
+
+def test_profile_steps_leaves_a_trace_under_the_workdir(profiled_run):
+    workdir, _, _ = profiled_run
+    traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
