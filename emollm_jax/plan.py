@@ -64,7 +64,7 @@ def _sharded_bytes(abstract: Any, shardings: Any) -> float:
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of a training batch (contract keys) with the data sharding."""
+    """ShapeDtypeStructs of a training batch (the keys of `train.BATCH_KEYS`) with the data sharding."""
     t, k = int(config.data.max_len), int(config.data.num_frames)
     size = int(config.model.vision.image_size)
     sh = sharding.data_sharding(mesh)

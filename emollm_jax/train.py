@@ -48,7 +48,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_valu
 
 
 class StageData(Protocol):
-    """A stage's batch stream: numpy batches with the contract's keys (BATCH_KEYS), resumable."""
+    """A stage's batch stream: numpy batches with the keys of BATCH_KEYS, resumable."""
 
     def __next__(self) -> dict[str, np.ndarray]: ...
     def get_state(self) -> dict: ...
@@ -155,7 +155,7 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Answer-token cross-entropy of `model` on a training batch (contract batch keys)."""
+    """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS)."""
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
                    return_hidden=True)

@@ -1,4 +1,4 @@
-"""The parts registry: every shipped part declares what it uses, and a new part plugs in by registering alone."""
+"""The parts registry: every shipped part declares what it uses; a new part plugs in by registering alone."""
 
 import dataclasses
 
@@ -27,8 +27,10 @@ from emollm_jax.models.parts import (
 )
 from emollm_jax.models.projectors import MLPProjectorConfig, MVPConfig
 
-TINY_TOWER = dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2)
-TINY_TEXT = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=1)
+TINY_TOWER = dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_layers=3,
+                  num_heads=2)
+TINY_TEXT = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                 num_kv_heads=1)
 
 
 def _names(module: nnx.Module) -> set[str]:
