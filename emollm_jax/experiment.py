@@ -19,6 +19,7 @@ from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig
 from emollm_jax.models.projectors import ProjectorConfig
 from emollm_jax.models.vit import VisionConfig
+from emollm_jax.pytree import flat_leaves
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,8 @@ def _projector_differs(loaded: Any, model: EmoLLM) -> bool:
 
 
 def _check_same_shapes(old: Any, new: Any, where: str) -> None:
-    o = {k: v.shape for k, v in _flat(old).items()}
-    n = {k: v.shape for k, v in _flat(new).items()}
+    o = {k: v.shape for k, v in flat_leaves(old).items()}
+    n = {k: v.shape for k, v in flat_leaves(new).items()}
     missing, extra = sorted(set(o) - set(n)), sorted(set(n) - set(o))
     if missing or extra:
         raise ValueError(f"{where}: parameters differ from the configured model: missing {missing[:5]}, "
@@ -222,6 +223,3 @@ def _check_same_shapes(old: Any, new: Any, where: str) -> None:
         raise ValueError(f"{where}: shape mismatch (path, loaded, configured) {bad[:5]}")
 
 
-def _flat(state: Any) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v for p, v in leaves}

@@ -17,15 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from emollm_jax.pytree import key_name
+
 GROUPS: tuple[str, ...] = ("vision", "projector", "llm", "lora")
 _TOP_LEVEL = {"vision": "vision", "projector": "projector", "llm": "llm"}
-
-
-def _key(k: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
 
 
 def param_group(path: Sequence[Any]) -> str:
@@ -34,7 +29,7 @@ def param_group(path: Sequence[Any]) -> str:
     `('vision', ...)` -> vision, `('projector', ...)` -> projector, any path through a `lora` adapter -> lora,
     everything else -> llm (so a bare LlamaForCausalLM, rooted at `model`/`lm_head`, is all "llm").
     """
-    keys = [_key(k) for k in path]
+    keys = [key_name(k) for k in path]
     if "lora" in keys:
         return "lora"
     return _TOP_LEVEL.get(keys[0], "llm") if keys else "llm"

@@ -98,7 +98,7 @@ def decoder_layer_bytes(st: train.StageState, micro_batch: int, seq_len: int, me
     layer's trainable parameters' gradients, laid out like the parameters; they all live until the update.
     """
     text = st.model_cfg.text
-    per_device = micro_batch / math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    per_device = micro_batch / math.prod(mesh.shape[a] for a in sharding.batch_axes())
     stash = per_device * seq_len * text.hidden_size * jnp.dtype(text.dtype).itemsize
     layer = st.abstract_params["llm"]["model"]["layers"][0]
     layer_sh = st.param_shardings["llm"]["model"]["layers"][0]
