@@ -33,17 +33,6 @@ class DataSetup:
     image_token_id: int | None = None  # used when the tokenizer has no <image> token (LLaVA's -200)
 
 
-def load_config(path: str | os.PathLike, variant: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(variant)` of a config file (what `--config path:variant` gives `main`), for scripts that
-    build a config without absl flags."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(path).stem + "_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def _to_dict(cd: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cd.to_dict().items()}
 

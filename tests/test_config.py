@@ -176,8 +176,8 @@ def test_vicuna_tokenizer_keeps_its_vocab_and_marks_images_outside_it(tmp_path):
 
 
 def test_load_config_reads_a_variant_from_the_file():
-    from emollm_jax.experiment import load_config
+    from emollm_jax.configuration import load_config
 
-    mid = load_config(_PATH, "mid")
+    mid = load_config(f"{_PATH}:mid")
     assert mid.variant == "mid" and mid.model.text.hidden_size == 512
     assert load_config(_PATH).variant == "tiny"
