@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from emollm_jax.configuration import Section
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig
 from emollm_jax.models.projectors import ProjectorConfig
@@ -22,6 +23,16 @@ from emollm_jax.models.vit import VisionConfig
 from emollm_jax.pytree import flat_leaves
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig(Section):
+    """`config.init`: where the initial weights come from (empty: random initialisation)."""
+
+    hf: str = ""      # an HF LLaVA/EmoLLM dir, or the conversion CLI's orbax output (whole model)
+    llm: str = ""     # HF decoder dir (Vicuna / LLaMA)
+    vision: str = ""  # HF CLIP vision dir
+    params: str = ""  # orbax params-only checkpoint of the whole EmoLLM
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,6 @@ eval on the trained params; the default). `--config.a.b=value` overrides any con
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -37,20 +36,6 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("emollm_jax")
 
 
-def _validator(config_path: str):
-    """`validate_config` of the config file in use (configs import it from emobench.py), else emobench's."""
-    path = config_path.split(":", 1)[0]
-    for candidate in (path, _DEFAULT_CONFIG):
-        spec = importlib.util.spec_from_file_location("_emollm_config", candidate)
-        if spec is None or spec.loader is None:
-            continue
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if hasattr(module, "validate_config"):
-            return module.validate_config
-    raise ValueError(f"--config={config_path}: no validate_config in it or in {_DEFAULT_CONFIG}")
-
-
 def _use_fake_devices(n: int) -> None:
     """Plan mode compiles for `n` CPU devices; must run before JAX initialises its backends."""
     import jax
@@ -70,11 +55,10 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    from emollm_jax import sharding
+    from emollm_jax import run_config, sharding
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    validate = _validator(flags.FLAGS["config"].config_filename)
-    validate(config, jax.device_count())
+    run_config.validate_config(config, jax.device_count())
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     workdir = os.path.abspath(FLAGS.workdir)

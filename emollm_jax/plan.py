@@ -27,10 +27,28 @@ import ml_collections
 import numpy as np
 
 from emollm_jax import experiment, sharding, train
+from emollm_jax.configuration import Section
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
 GiB = float(1 << 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig(Section):
+    """`config.plan`: the memory budget and device count `--mode=plan` plans for."""
+
+    device_memory_gb: float = 16.0  # per device
+    num_devices: int = 8            # fake CPU devices the plan compiles for (`--plan_devices` overrides)
+    shallow_layers: int = 0         # > 0: compile at k and 2k decoder layers and extrapolate (no remat)
+
+    def check(self) -> None:
+        if not self.device_memory_gb > 0:
+            self.fail("device_memory_gb", "must be positive")
+        if self.num_devices <= 0:
+            self.fail("num_devices", "must be positive")
+        if self.shallow_layers < 0:
+            self.fail("shallow_layers", "must be >= 0")
 
 
 @dataclasses.dataclass

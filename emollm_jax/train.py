@@ -28,8 +28,30 @@ import optax
 from flax import nnx
 
 from emollm_jax import experiment, flops, sharding
+from emollm_jax.configuration import Section
 from emollm_jax.metrics import MetricsLogger, StageProgress
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """`config.train`: logging, checkpointing and the loss's chunking."""
+
+    log_every: int = 10          # steps between metric lines
+    checkpoint_every: int = 200  # steps between checkpoints
+    max_to_keep: int = 2         # newest checkpoints kept
+    # Cross-entropy over the vocab in chunks of this many positions (0: all at once); chunks where no row is
+    # supervised are skipped (answer-only loss: most are).
+    loss_chunk: int = 32
+    profile: bool = False
+
+    def check(self) -> None:
+        for field in ("log_every", "checkpoint_every", "max_to_keep"):
+            if getattr(self, field) <= 0:
+                self.fail(field, "must be positive")
+        if self.loss_chunk < 0:
+            self.fail("loss_chunk", "must be >= 0 (0: the whole sequence at once)")
+
 
 log = logging.getLogger(__name__)
 
