@@ -1,6 +1,9 @@
 """configs/emobench.py: variants build; overrides are parsed and typed; the typed sections and validate_config
-refuse each kind of nonsense naming the key."""
+refuse each kind of nonsense naming the key; `main` reports a config error in one line."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,23 @@ def test_unknown_override_key_is_one_line_naming_it():
     assert "batch_size, " in message and ", warmup_ratio" in message  # the keys that do exist
     with pytest.raises(ConfigError, match=r"^config\.stagez\.emotional\.lr: unknown key; config has "):
         load_config(_PATH, ["stagez.emotional.lr=1"])
+
+
+def _main(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "emollm_jax.main", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT.parent, timeout=300)
+
+
+def test_main_reports_a_config_error_in_one_line_and_exits_2(tmp_path):
+    out = _main("--config.train.bogus=1", f"--workdir={tmp_path / 'w'}")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        "error: config.train.bogus: unknown key; config.train has checkpoint_every, log_every, loss_chunk, "
+        "max_to_keep, profile"]
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+    out = _main(f"--config={_PATH}:tiny", "--config.stages.emotional.lr", "-1", f"--workdir={tmp_path / 'w'}")
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: config.stages.emotional.lr=-1.0: the learning rate must be positive"], out.stderr
+    verbose = _main("--config.train.bogus=1", "--verbosity=1", f"--workdir={tmp_path / 'w'}")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
