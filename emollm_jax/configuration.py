@@ -224,13 +224,16 @@ def _coerce(key: str, value: Any, want: type, nullable: bool) -> Any:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
     """A copy of `config` with each dotted key set. `overrides`: a mapping `{"a.b": value}` or `"a.b=value"`
     strings. String values are parsed like `--config.a.b=value` flags (`parse_value`; a string key keeps the
-    text as given) and coerced to the type of the existing value; a None placeholder takes any type. An
-    unknown key or a value of the wrong type is a `ConfigError` naming the key."""
+    text as given) and coerced to the type of the existing value; a key holding a plain None takes any type,
+    a typed placeholder (`config_dict.placeholder(int)`) its type or None. An unknown key or a value of the
+    wrong type is a `ConfigError` naming the key."""
     out = copy.deepcopy(config)
     for key, value, is_text in _pairs(overrides):
         node, leaf = _block(out, key)
         want = node.get_type(leaf)
-        nullable = node[leaf] is None  # a typed placeholder (`config_dict.placeholder(int)`) or a plain None
+        # None is allowed where the key holds None now, or a typed placeholder (ml_collections keeps those as
+        # FieldReferences and has no public accessor for that).
+        nullable = node[leaf] is None or isinstance(node._fields[leaf], config_dict.FieldReference)
         if is_text:
             parsed = parse_value(value)
             keep_text = want is str and not isinstance(parsed, str) and not (parsed is None and nullable)

@@ -52,7 +52,7 @@ class StageConfig(Section):
                 what = f"unknown {unknown[0]!r}" if unknown else "empty"
                 self.fail(field, f"{what}; expected a non-empty subset of {known}")
         if not self.lr > 0:
-            self.fail("lr", "the learning rate must be positive")
+            self.fail("lr", "must be positive")
         if self.schedule not in SCHEDULES:
             self.fail("schedule", f"unknown schedule; expected one of {SCHEDULES}")
         if not 0.0 <= self.warmup_ratio < 1.0:

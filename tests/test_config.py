@@ -236,6 +236,18 @@ def test_string_overrides_take_the_type_of_the_key():
         load_config(_PATH, {"train.log_every": 0.5})
 
 
+def test_none_keys_take_any_type_and_typed_placeholders_their_own():
+    import ml_collections
+    from ml_collections import config_dict
+
+    c = ml_collections.ConfigDict({"free": None, "count": config_dict.placeholder(int)})
+    out = apply_overrides(c, ["free=('a', 1)", "count=3"])
+    assert out.free == ("a", 1) and out.count == 3 and c.count is None  # `c` itself is untouched
+    assert apply_overrides(out, ["count=None"]).count is None
+    with pytest.raises(ConfigError, match=r"config\.count='x': expected int"):
+        apply_overrides(c, ["count=x"])
+
+
 def test_unknown_override_key_is_one_line_naming_it():
     with pytest.raises(ConfigError) as e:
         load_config(_PATH, ["stages.emotional.lrate=1e-4"])
@@ -262,6 +274,6 @@ def test_main_reports_a_config_error_in_one_line_and_exits_2(tmp_path):
     assert not (tmp_path / "w").exists()  # refused before anything was written
     out = _main(f"--config={_PATH}:tiny", "--config.stages.emotional.lr", "-1", f"--workdir={tmp_path / 'w'}")
     assert out.returncode == 2 and out.stderr.splitlines() == [
-        "error: config.stages.emotional.lr=-1.0: the learning rate must be positive"], out.stderr
+        "error: config.stages.emotional.lr=-1.0: must be positive"], out.stderr
     verbose = _main("--config.train.bogus=1", "--verbosity=1", f"--workdir={tmp_path / 'w'}")
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
