@@ -116,9 +116,10 @@ def default_job_rates(batches: int, steps: int) -> dict:
     import jax
 
     from emollm_jax import data, experiment, sharding, train
+    from emollm_jax.configuration import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = experiment.load_config(os.path.join(root, "configs", "emobench.py"), "tiny")
+    config = load_config(os.path.join(root, "configs", "emobench.py") + ":tiny")
     with tempfile.TemporaryDirectory() as workdir:
         setup = experiment.prepare_data(config, workdir)
         tokenizer = experiment.load_tokenizer(setup)

@@ -56,8 +56,9 @@ def worker_jax(projector: str, steps: int, dtype: str = "float32") -> dict:
     import numpy as np
 
     from emollm_jax import experiment, flops, sharding, train
+    from emollm_jax.configuration import load_config
 
-    config = experiment.load_config(ROOT / "configs" / "emobench.py", "mid")
+    config = load_config(f"{ROOT / 'configs' / 'emobench.py'}:mid")
     config.model.projector.kind = projector
     config.model.vision.dtype = config.model.text.dtype = dtype
     config.train.loss_chunk = LOSS_CHUNK

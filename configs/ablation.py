@@ -8,24 +8,18 @@ arg: "" (default: MVP with M = 0, 1, 3 and MLP with M = 0), "grid" (both project
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from emollm_jax.configuration import ConfigError, load_config
 
 EXEMPLAR_COUNTS = (0, 1, 3)
 PROJECTORS = {"mvp": "mvp", "mlp": "mlp2x_gelu"}
 
 
-def _emobench():
-    spec = importlib.util.spec_from_file_location("emobench_config", Path(__file__).with_name("emobench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def variants(grid: bool = False) -> dict[str, dict[str, object]]:
-    """variant name -> nested config overrides (ConfigDict keys cannot hold dots)."""
+    """variant name -> nested config overrides (ConfigDict keys hold no dots: configuration.flatten)."""
     out = {}
     for proj, kind in PROJECTORS.items():
         for m in EXEMPLAR_COUNTS:
@@ -35,22 +29,11 @@ def variants(grid: bool = False) -> dict[str, dict[str, object]]:
     return out
 
 
-def flatten(overrides, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat: dict[str, object] = {}
-    for key, value in dict(overrides).items():
-        if isinstance(value, dict | ml_collections.ConfigDict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = (arg or "").strip()
     if arg not in ("", "grid", "quick"):
-        raise ValueError(f"configs/ablation.py: unknown argument {arg!r}; expected '', 'grid' or 'quick'")
-    c = _emobench().get_config("tiny")
+        raise ConfigError(f"configs/ablation.py: unknown argument {arg!r}; expected '', 'grid' or 'quick'")
+    c = load_config(f"{Path(__file__).with_name('emobench.py')}:tiny")
     if arg == "quick":
         c.stages.objective.steps = 4
         c.stages.emotional.steps = 8
@@ -58,20 +41,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablation = ml_collections.ConfigDict({"variants": variants(grid=arg == "grid"),
                                             "mini_scale": 0.05 if arg == "quick" else 1.0})
     return c
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: dict[str, object]) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted keys set; unknown keys are an error naming the key."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    for dotted, value in overrides.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if key not in node:
-                raise KeyError(f"config override {dotted!r}: no key {key!r}")
-            node = node[key]
-        if leaf not in node:
-            raise KeyError(f"config override {dotted!r}: no key {leaf!r}")
-        node[leaf] = value
-    return out

@@ -1,6 +1,7 @@
 """Runs the variants of configs/ablation.py (train, then evaluate each) and writes one comparison table.
 
-`python -m emollm_jax.ablation --config configs/ablation.py[:grid|quick] --workdir W [--variants a,b]`
+`python -m emollm_jax.ablation --config configs/ablation.py[:grid|quick] --workdir W [--variants a,b]
+[--config.a.b=value ...]`
 
 Every variant gets `W/<variant>` as its workdir and shares W/data (mini-EmoBench, generated once),
 W/tokenizer and W/emoprompt_bank.json, so variants differ only in their overrides. A variant whose
@@ -10,7 +11,6 @@ W/tokenizer and W/emoprompt_bank.json, so variants differ only in their override
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -19,16 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from emollm_jax.answers import EMOBENCH_TASKS
-
-
-def _load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("ablation_config", path)
-    if module_spec is None:
-        raise FileNotFoundError(f"--config {path}: not a python file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module, module.get_config(arg or None)
+from emollm_jax.configuration import ConfigError, apply_overrides, flatten, load_config, split_config_args
 
 
 def _pct(x: float | None) -> str:
@@ -52,8 +43,7 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(config: Any, apply_overrides, flatten, workdir: str | Path,
-        only: Sequence[str] | None = None) -> list[dict]:
+def run(config: Any, workdir: str | Path, only: Sequence[str] | None = None) -> list[dict]:
     """Trains and evaluates each variant; returns one row per variant (name, projector, M, results)."""
     from data_pipeline import mini_emobench
     from emollm_jax import emoprompt, eval_report, evaluate, experiment, train
@@ -104,13 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/ablation.py", help="path[:arg] of the ablation config")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--variants", default="", help="comma-separated subset of the config's variants")
-    args = parser.parse_args(argv)
+    rest, overrides = split_config_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-    module, config = _load_config(args.config)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
     only = [v for v in args.variants.split(",") if v] or None
-    run(config, module.apply_overrides, module.flatten, args.workdir, only)
+    run(config, args.workdir, only)
     print((Path(args.workdir) / "ablation.md").read_text())
     return 0
 

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from emollm_jax.pytree import path_str
+
 log = logging.getLogger(__name__)
 
 _ITEMS = ("params", "opt_state", "meta", "data")
@@ -98,10 +100,7 @@ def _check_keys(saved: Any, target: Any, where: str) -> None:
 
     def keys(tree):
         flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-        return {
-            "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p)
-            for p, _ in flat
-        }
+        return {path_str(p) for p, _ in flat}
 
     have, want = keys(saved), keys(target)
     if have != want:

@@ -1,4 +1,12 @@
-"""Typed config sections: each block of `config.*` is a frozen dataclass that checks its own fields.
+"""Config files, overrides and typed config sections.
+
+`load_config("configs/emobench.py:vicuna7b", ["stages.emotional.lr=1e-5"])` is the one way a config is made
+(by `main`, the ablation driver, the benchmarks and the tests): the file's `get_config(variant)`, then
+`apply_overrides`, which parses string values as `--config.a.b=value` flags are parsed and coerces them to the
+type of the key they replace.
+
+Each block of `config.*` is a frozen dataclass that checks its own fields (a `Section`, defined in the module
+that reads the block).
 
 A section's defaults are its dataclass defaults (config files start from `Section.defaults()` and change
 what differs), and `Section.from_config(config.x, "x")` turns the ml_collections block back into the typed
@@ -7,14 +15,20 @@ object, refusing unknown keys and out-of-range values with one line that names t
     config.stages.emotional.lr=-1.0: must be positive
 
 Range checks live in each section's `check()` (beside the fields); cross-field rules (mesh vs devices, batch
-vs data parallelism) are `validate_config`'s.
+vs data parallelism) are `emollm_jax.run_config.validate_config`'s. This module imports no other module of the
+project, so every module can define its section here without an import cycle.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import importlib.util
+import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import ml_collections
@@ -118,3 +132,154 @@ def _placeholder(hint: Any) -> Any:
     if len(args) == 1 and args[0] in (int, float, str, bool):
         return config_dict.placeholder(args[0])
     return None
+
+
+# ------------------------------------------------------------------------------------ files and overrides
+
+Overrides = Mapping[str, Any] | Sequence[str]
+
+
+def split_spec(spec: str | os.PathLike) -> tuple[str, str | None]:
+    """`"configs/emobench.py:mid"` -> ("configs/emobench.py", "mid"); no `:variant` -> (path, None)."""
+    spec = os.fspath(spec)
+    cut = spec.find(".py:")
+    if cut < 0:
+        return spec, None
+    return spec[:cut + 3], spec[cut + 4:]
+
+
+def load_config(spec: str | os.PathLike, overrides: Overrides = ()) -> ml_collections.ConfigDict:
+    """`get_config(variant)` of the config file `spec` = `path[:variant]`, with `overrides` applied (see
+    `apply_overrides`). A missing file, or one without `get_config`, is a `ConfigError`."""
+    path, variant = split_spec(spec)
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    module_spec = importlib.util.spec_from_file_location(f"_emollm_config_{Path(path).stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"--config {path}: not a python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config {path}: the file defines no get_config()")
+    config = module.get_config() if variant is None else module.get_config(variant)
+    return apply_overrides(config, overrides)
+
+
+def parse_value(text: str) -> Any:
+    """A flag's text as a Python value, as ml_collections' config flags read it: a literal (`3`, `1e-5`,
+    `('a', 'b')`, `True` / `true`), else the text itself."""
+    if text in ("true", "false"):
+        text = text.capitalize()
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text
+
+
+def _pairs(overrides: Overrides) -> list[tuple[str, Any, bool]]:
+    """(dotted key, value, whether the value is flag text to parse) of each override."""
+    if isinstance(overrides, Mapping):
+        return [(k, v, isinstance(v, str)) for k, v in overrides.items()]
+    out = []
+    for item in overrides:
+        key, sep, text = str(item).partition("=")
+        if not sep:
+            raise ConfigError(f"config override {item!r}: expected key=value")
+        out.append((key, text, True))
+    return out
+
+
+def _block(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding the dotted `key`, and the key's last part; unknown keys are a `ConfigError`."""
+    parts = key.split(".")
+    node, where = config, "config"
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"config.{key}: {where}={node!r} is a value, not a block of keys")
+        if part not in node:
+            raise ConfigError(f"config.{key}: unknown key; {where} has {', '.join(sorted(node.keys()))}")
+        if depth < len(parts) - 1:
+            node, where = node[part], f"{where}.{part}"
+    return node, parts[-1]
+
+
+def _coerce(key: str, value: Any, want: type, nullable: bool) -> Any:
+    """`value` as the type `want` of the key it replaces (int -> float, list -> tuple); else `ConfigError`."""
+    if value is None or want is type(None):
+        if value is None and not (nullable or want is type(None)):
+            raise ConfigError(f"config.{key}=None: expected {want.__name__}")
+        return value
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if want is float and numeric:
+        return float(value)
+    if want is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if issubclass(want, ml_collections.ConfigDict) and isinstance(value, Mapping | ml_collections.ConfigDict):
+        return value
+    if want is int and isinstance(value, bool) or not isinstance(value, want):
+        raise ConfigError(f"config.{key}={value!r}: expected {want.__name__}, got {type(value).__name__}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
+    """A copy of `config` with each dotted key set. `overrides`: a mapping `{"a.b": value}` or `"a.b=value"`
+    strings. String values are parsed like `--config.a.b=value` flags (`parse_value`; a string key keeps the
+    text as given) and coerced to the type of the existing value; a key holding a plain None takes any type,
+    a typed placeholder (`config_dict.placeholder(int)`) its type or None. An unknown key or a value of the
+    wrong type is a `ConfigError` naming the key."""
+    out = copy.deepcopy(config)
+    for key, value, is_text in _pairs(overrides):
+        node, leaf = _block(out, key)
+        want = node.get_type(leaf)
+        # None is allowed where the key holds None now, or a typed placeholder (ml_collections keeps those as
+        # FieldReferences and has no public accessor for that).
+        nullable = node[leaf] is None or isinstance(node._fields[leaf], config_dict.FieldReference)
+        if is_text:
+            parsed = parse_value(value)
+            keep_text = want is str and not isinstance(parsed, str) and not (parsed is None and nullable)
+            value = value if keep_text else parsed
+        value = _coerce(key, value, want, nullable)
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.{key}={value!r}: {e}") from None
+    return out
+
+
+def flatten(tree: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Nested blocks -> dotted keys: `{"a": {"b": 1}}` -> `{"a.b": 1}` (ConfigDict keys cannot hold dots)."""
+    flat: dict[str, Any] = {}
+    for key, value in dict(tree).items():
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the overrides as "a.b=value") of a command line with `--config.a.b=value`,
+    `--config.a.b value`, or the boolean forms `--config.a.b` / `--noconfig.a.b`. `--config path` itself and
+    everything after `--` are left to the flag parser."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            rest += args[i - 1:]
+            break
+        if arg.startswith("--noconfig."):
+            overrides.append(f"{arg[len('--noconfig.'):]}=False")
+        elif not arg.startswith("--config."):
+            rest.append(arg)
+        elif "=" in arg:
+            overrides.append(arg[len("--config."):])
+        elif i < len(args) and not args[i].startswith("--"):
+            overrides.append(f"{arg[len('--config.'):]}={args[i]}")
+            i += 1
+        else:  # a bare boolean flag
+            overrides.append(f"{arg[len('--config.'):]}=True")
+    return rest, overrides

@@ -26,10 +26,30 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from emollm_jax.configuration import Section
+
 BANK_VERSION = 1
 STRATEGIES = ("fixed", "similar")
 _MARKERS = re.compile(r"<image>|<video>")
 _WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmoPromptConfig(Section):
+    """`config.emoprompt`: M worked exemplars before each question (`num_exemplars`; 0 = off)."""
+
+    bank: str = ""           # bank JSON; empty: built once from the training rationales into the workdir
+    num_exemplars: int = 0
+    strategy: str = "fixed"  # fixed | similar
+    per_task: int = 16       # exemplars per task in a bank built from the training rationales
+
+    def check(self) -> None:
+        if self.num_exemplars < 0:
+            self.fail("num_exemplars", "must be >= 0 (0: off)")
+        if self.strategy not in STRATEGIES:
+            self.fail("strategy", f"unknown strategy; expected one of {STRATEGIES}")
+        if self.per_task <= 0:
+            self.fail("per_task", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,26 @@ import numpy as np
 from data_pipeline.records import OBJECTIVE_TASKS
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
+from emollm_jax.configuration import Section
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Section):
+    """`config.eval`: how answers are generated and scored."""
+
+    batch_size: int = 32       # prompts per generation batch (all processes)
+    max_new_tokens: int = 8    # answer budget
+    max_examples: int = 0      # per task; 0 = the whole split
+    control_split: str = ""    # blank-image control split; empty: `<eval_split>_blank` when present
+    synonyms: str = ""         # JSON file extending the answer parser's synonym table
+
+    def check(self) -> None:
+        for field in ("batch_size", "max_new_tokens"):
+            if getattr(self, field) <= 0:
+                self.fail(field, "must be positive")
+        if self.max_examples < 0:
+            self.fail("max_examples", "must be >= 0 (0: every example)")
+
 
 # ------------------------------------------------------------------------------------------ pure metrics
 

@@ -15,9 +15,21 @@ from typing import Any
 import jax
 import ml_collections
 
+from emollm_jax.configuration import Section
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+from emollm_jax.pytree import flat_leaves
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig(Section):
+    """`config.init`: where the initial weights come from (empty: random initialisation)."""
+
+    hf: str = ""      # an HF LLaVA/EmoLLM dir, or the conversion CLI's orbax output (whole model)
+    llm: str = ""     # HF decoder dir (Vicuna / LLaMA)
+    vision: str = ""  # HF CLIP vision dir
+    params: str = ""  # orbax params-only checkpoint of the whole EmoLLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +39,6 @@ class DataSetup:
     root: str
     tokenizer_path: str
     image_token_id: int | None = None  # used when the tokenizer has no <image> token (LLaVA's -200)
-
-
-def load_config(path: str | os.PathLike, variant: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(variant)` of a config file (what `--config path:variant` gives `main`), for scripts that
-    build a config without absl flags."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(path).stem + "_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
@@ -198,8 +199,8 @@ def _projector_differs(loaded: Any, model: EmoLLM) -> bool:
 
 
 def _check_same_shapes(old: Any, new: Any, where: str) -> None:
-    o = {k: v.shape for k, v in _flat(old).items()}
-    n = {k: v.shape for k, v in _flat(new).items()}
+    o = {k: v.shape for k, v in flat_leaves(old).items()}
+    n = {k: v.shape for k, v in flat_leaves(new).items()}
     missing, extra = sorted(set(o) - set(n)), sorted(set(n) - set(o))
     if missing or extra:
         raise ValueError(f"{where}: parameters differ from the configured model: missing {missing[:5]}, "
@@ -209,6 +210,3 @@ def _check_same_shapes(old: Any, new: Any, where: str) -> None:
         raise ValueError(f"{where}: shape mismatch (path, loaded, configured) {bad[:5]}")
 
 
-def _flat(state: Any) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v for p, v in leaves}

@@ -9,12 +9,32 @@ output is unchanged until training moves it. The adapters sit under a `lora` att
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from emollm_jax.configuration import Section
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(Section):
+    """`config.lora`: adapters of rank `rank` (0 = none) on the decoder projections named in `targets`."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def check(self) -> None:
+        if self.rank < 0:
+            self.fail("rank", "must be >= 0 (0: no adapters)")
+        if not self.alpha > 0:
+            self.fail("alpha", "must be positive")
+        if self.rank > 0 and not self.targets:
+            self.fail("targets", "no projection to adapt")
 
 
 class LoRA(nnx.Module):

@@ -1,25 +1,31 @@
 """Entry point: `python -m emollm_jax.main --config configs/emobench.py[:variant] --workdir DIR --mode MODE`.
 
 Modes: `train`, `eval`, `predict`, `plan` (AOT memory plan on fake devices, no weights), `all` (train, then
-eval on the trained params; the default). `--config.a.b=value` overrides any config key. Multi-host: pass
-`--coordinator_address/--num_processes/--process_id` (or rely on the cluster environment).
+eval on the trained params; the default). `--config.a.b=value` (or `--config.a.b value`) overrides any config
+key; the config is made by `configuration.load_config`, as the ablation driver, the benchmarks and the tests
+make it. A config error (unknown key, bad value) is one line on stderr and exit status 2 (the traceback too
+with `--verbosity=1`). Multi-host: pass `--coordinator_address/--num_processes/--process_id` (or rely on the
+cluster environment).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import NamedTuple
 
+import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
+
+from emollm_jax import configuration
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "emobench.py")
 
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file, optionally with :variant.",
-                                lock_config=False)
+flags.DEFINE_string("config", _DEFAULT_CONFIG, "Config file, optionally with :variant; --config.a.b=value "
+                    "overrides a key of it.")
 flags.DEFINE_string("workdir", "./workdir", "Run directory: data, tokenizer, checkpoints, logs, reports.")
 flags.DEFINE_enum("mode", "all", ["train", "eval", "predict", "plan", "all"], "What to run.")
 flags.DEFINE_string("init_from", None, "HF dir or orbax params checkpoint to start from (over config.init).")
@@ -37,18 +43,17 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("emollm_jax")
 
 
-def _validator(config_path: str):
-    """`validate_config` of the config file in use (configs import it from emobench.py), else emobench's."""
-    path = config_path.split(":", 1)[0]
-    for candidate in (path, _DEFAULT_CONFIG):
-        spec = importlib.util.spec_from_file_location("_emollm_config", candidate)
-        if spec is None or spec.loader is None:
-            continue
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if hasattr(module, "validate_config"):
-            return module.validate_config
-    raise ValueError(f"--config={config_path}: no validate_config in it or in {_DEFAULT_CONFIG}")
+class Args(NamedTuple):
+    """What `parse_args` leaves for `main`: the arguments absl did not take, and the config overrides."""
+
+    argv: list[str]
+    overrides: list[str]
+
+
+def parse_args(argv: list[str]) -> Args:
+    """absl's flag parsing, after taking the `--config.a.b=value` overrides out of `argv`."""
+    rest, overrides = configuration.split_config_args(argv)
+    return Args(app.parse_flags_with_usage(rest), overrides)
 
 
 def _use_fake_devices(n: int) -> None:
@@ -59,12 +64,25 @@ def _use_fake_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(args: Args) -> None:
+    if len(args.argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {args.argv[1:]}")
+    try:
+        run_mode(configuration.load_config(FLAGS.config, args.overrides))
+    except configuration.ConfigError as e:
+        if FLAGS.verbosity >= 1:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run_mode(config: ml_collections.ConfigDict) -> None:
+    """Validates `config`, then runs `--mode` with it."""
+    from emollm_jax import run_config
+
+    run_config.parse_sections(config)  # field errors before JAX starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    config = FLAGS.config
     if FLAGS.mode == "plan":
         _use_fake_devices(int(FLAGS.plan_devices or config.plan.num_devices))
 
@@ -73,8 +91,7 @@ def main(argv: list[str]) -> None:
     from emollm_jax import sharding
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    validate = _validator(flags.FLAGS["config"].config_filename)
-    validate(config, jax.device_count())
+    run_config.validate_config(config, jax.device_count())
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     workdir = os.path.abspath(FLAGS.workdir)
@@ -121,7 +138,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_args)
 
 
 if __name__ == "__main__":

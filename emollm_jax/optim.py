@@ -17,15 +17,57 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data_pipeline.records import TASKS
+from emollm_jax.configuration import Section
+from emollm_jax.pytree import key_name
+
 GROUPS: tuple[str, ...] = ("vision", "projector", "llm", "lora")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 _TOP_LEVEL = {"vision": "vision", "projector": "projector", "llm": "llm"}
 
 
-def _key(k: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig(Section):
+    """`config.stages.<name>`: one training stage's data mixture, trainable groups, optimizer and length."""
+
+    name: str
+    tasks: tuple[str, ...]       # data mixture: records whose task is listed
+    trainable: tuple[str, ...]   # parameter groups updated in this stage; the others are frozen
+    lr: float
+    schedule: str = "cosine"     # cosine | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0       # global norm over the trainable params; 0 = off
+    grad_accum: int = 1          # micro-batches per optimizer update
+    steps: int = 0               # > 0 wins over epochs
+    epochs: float = 0.0
+    batch_size: int              # global batch (all processes)
+
+    def check(self) -> None:
+        for field, names, known in (("trainable", self.trainable, GROUPS), ("tasks", self.tasks, TASKS)):
+            unknown = [n for n in names if n not in known]
+            if unknown or not names:
+                what = f"unknown {unknown[0]!r}" if unknown else "empty"
+                self.fail(field, f"{what}; expected a non-empty subset of {known}")
+        if not self.lr > 0:
+            self.fail("lr", "must be positive")
+        if self.schedule not in SCHEDULES:
+            self.fail("schedule", f"unknown schedule; expected one of {SCHEDULES}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            self.fail("warmup_ratio", "must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            self.fail("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
+        for field in ("b1", "b2"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                self.fail(field, "must be in [0, 1)")
+        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+            self.fail("steps", "set steps > 0 or epochs > 0")
+        if self.batch_size <= 0:
+            self.fail("batch_size", "must be positive")
+        if self.grad_accum < 1:
+            self.fail("grad_accum", "must be >= 1")
 
 
 def param_group(path: Sequence[Any]) -> str:
@@ -34,7 +76,7 @@ def param_group(path: Sequence[Any]) -> str:
     `('vision', ...)` -> vision, `('projector', ...)` -> projector, any path through a `lora` adapter -> lora,
     everything else -> llm (so a bare LlamaForCausalLM, rooted at `model`/`lm_head`, is all "llm").
     """
-    keys = [_key(k) for k in path]
+    keys = [key_name(k) for k in path]
     if "lora" in keys:
         return "lora"
     return _TOP_LEVEL.get(keys[0], "llm") if keys else "llm"
@@ -55,8 +97,8 @@ def lr_schedule(
 ) -> Callable[[jax.Array | int], jax.Array]:
     """lr(step): linear warmup 0 -> peak over `warmup_steps`, then cosine to `end_value` at `total_steps`
     (or constant). Steps count optimizer updates (after gradient accumulation)."""
-    if kind not in ("cosine", "constant"):
-        raise ValueError(f"schedule={kind!r}: expected 'cosine' or 'constant'")
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule={kind!r}: expected one of {SCHEDULES}")
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(
             f"schedule: need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), "

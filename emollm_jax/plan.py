@@ -27,10 +27,28 @@ import ml_collections
 import numpy as np
 
 from emollm_jax import experiment, sharding, train
+from emollm_jax.configuration import Section
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
 GiB = float(1 << 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig(Section):
+    """`config.plan`: the memory budget and device count `--mode=plan` plans for."""
+
+    device_memory_gb: float = 16.0  # per device
+    num_devices: int = 8            # fake CPU devices the plan compiles for (`--plan_devices` overrides)
+    shallow_layers: int = 0         # > 0: compile at k and 2k decoder layers and extrapolate (no remat)
+
+    def check(self) -> None:
+        if not self.device_memory_gb > 0:
+            self.fail("device_memory_gb", "must be positive")
+        if self.num_devices <= 0:
+            self.fail("num_devices", "must be positive")
+        if self.shallow_layers < 0:
+            self.fail("shallow_layers", "must be >= 0")
 
 
 @dataclasses.dataclass
@@ -98,7 +116,7 @@ def decoder_layer_bytes(st: train.StageState, micro_batch: int, seq_len: int, me
     layer's trainable parameters' gradients, laid out like the parameters; they all live until the update.
     """
     text = st.model_cfg.text
-    per_device = micro_batch / math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    per_device = micro_batch / math.prod(mesh.shape[a] for a in sharding.batch_axes())
     stash = per_device * seq_len * text.hidden_size * jnp.dtype(text.dtype).itemsize
     layer = st.abstract_params["llm"]["model"]["layers"][0]
     layer_sh = st.param_shardings["llm"]["model"]["layers"][0]

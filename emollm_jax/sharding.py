@@ -7,6 +7,7 @@ names the mesh and a config switches between data parallel, FSDP and tensor para
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,28 +20,29 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from emollm_jax.configuration import Section
+from emollm_jax.pytree import path_keys, path_str
+
 log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # Logical name -> mesh axes. Weights are split over `fsdp` along their model dim and over `tensor` along the
 # dim Megatron-style tensor parallelism splits (heads, MLP hidden, vocab); `data` only replicates weights.
+# `batch` is the leading dim of every input batch (`data_sharding`).
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", BATCH_AXES),
+    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("head_dim", None),
     ("vocab", "tensor"),
     ("norm", None),
     ("vit_embed", "fsdp"),
     ("vit_mlp", "tensor"),
     ("vit_heads", "tensor"),
-    ("vit_patch", None),
     ("vit_pos", None),
     ("proj_in", "fsdp"),
     ("proj_hidden", "tensor"),
@@ -49,37 +51,77 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+    """`config.mesh`: devices per mesh axis; one axis may be -1 (the rest of the devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def check(self) -> None:
+        try:
+            _check_sizes(dataclasses.asdict(self))
+        except MeshShapeError as e:
+            self.fail(e.axis or "data", str(e))
+
+
+class MeshShapeError(ValueError):
+    """A mesh shape that cannot be laid over the devices; `axis` is the one to change (None: the product)."""
+
+    def __init__(self, axis: str | None, message: str):
+        self.axis = axis
+        super().__init__(message)
+
+
+def _check_sizes(sizes: Mapping[str, int]) -> None:
+    """Each size positive or -1, at most one -1."""
+    for a, s in sizes.items():
+        if s == 0 or s < -1:
+            raise MeshShapeError(a, f"axis {a!r} has size {s}; use a positive size or -1")
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshShapeError(free[1], f"axes {free} are all -1; at most one axis may be -1")
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Size of every axis of `MESH_AXES` for `num_devices` devices: missing axes are 1, the one -1 axis takes
+    the rest. A shape that does not fit is a `MeshShapeError` naming the axis to change."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise MeshShapeError(unknown[0], f"mesh shape {dict(shape)}: unknown axis {unknown}; axes are "
+                             f"{MESH_AXES}")
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    try:
+        _check_sizes(sizes)
+    except MeshShapeError as e:
+        raise MeshShapeError(e.axis, f"mesh shape {dict(shape)}: {e}") from None
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    free = [a for a, s in sizes.items() if s == -1]
+    if free:
+        if num_devices % fixed:
+            others = {a: s for a, s in sizes.items() if s != -1}
+            raise MeshShapeError(free[0], f"mesh shape {dict(shape)}: axis {free[0]!r} = -1 cannot take the "
+                                 f"rest: {num_devices} devices are not divisible by the other axes {others} "
+                                 f"(product {fixed})")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        bad = next((a for a, s in sizes.items() if s > 1 and num_devices % s), None)
+        what = f"axis {bad!r} of size {sizes[bad]} does not divide" if bad else f"product {fixed} != "
+        raise MeshShapeError(bad, f"mesh shape {dict(shape)}: {what} the {num_devices} devices; set one axis "
+                             "to -1 or fix sizes")
+    return sizes
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh over `devices` (default: all, every process) with axes `data`, `fsdp`, `tensor` in that order.
 
-    `shape` maps axis -> size; one axis may be -1 (the rest of the devices), missing axes get size 1. The axes
-    are `Auto`, so `jax.jit` with explicit in/out shardings places everything and GSPMD fills in the middle.
+    `shape` maps axis -> size; one axis may be -1 (the rest of the devices), missing axes get size 1 (see
+    `resolve_mesh_shape`). The axes are `Auto`, so `jax.jit` with explicit in/out shardings places everything
+    and GSPMD fills in the middle.
     """
-    unknown = sorted(set(shape) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"mesh shape {dict(shape)}: unknown axis {unknown}; axes are {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
-    free = [a for a, s in sizes.items() if s == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh shape {dict(shape)}: axes {free} are all -1; at most one axis may be -1")
-    for a, s in sizes.items():
-        if s == 0 or s < -1:
-            raise ValueError(f"mesh shape {dict(shape)}: axis {a!r} has size {s}; use a positive size or -1")
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if free:
-        if n % fixed:
-            others = {a: s for a, s in sizes.items() if s != -1}
-            raise ValueError(
-                f"mesh shape {dict(shape)}: axis {free[0]!r} = -1 cannot take the rest: {n} devices are not "
-                f"divisible by the other axes {others} (product {fixed})"
-            )
-        sizes[free[0]] = n // fixed
-    elif fixed != n:
-        bad = next((a for a, s in sizes.items() if s > 1 and n % s), None)
-        what = f"axis {bad!r} of size {sizes[bad]} does not divide" if bad else f"product {fixed} != "
-        raise ValueError(f"mesh shape {dict(shape)}: {what} the {n} devices; set one axis to -1 or fix sizes")
+    sizes = resolve_mesh_shape(shape, len(devices))
     axis_sizes = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(axis_sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -147,10 +189,6 @@ def logical_to_spec(
     return P(*spec)
 
 
-def _path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
     meta = var.get_metadata()
     return meta.get("out_sharding", meta.get("sharding_names"))
@@ -167,30 +205,12 @@ def logical_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = DEFA
             return NamedSharding(mesh, P())
         shape = np.shape(var.get_value()) if hasattr(var, "get_value") else np.shape(var.value)
         names = _logical_names(var)
-        spec = P() if names is None else logical_to_spec(names, shape, mesh, rules, where=_path_str(path))
+        spec = P() if names is None else logical_to_spec(names, shape, mesh, rules, where=path_str(path))
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(
         one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-
-
-def _norm_key(k: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
-
-
-def _leaf_paths(tree: Any) -> list[tuple[tuple, Any]]:
-    """(normalised key path, leaf) pairs; the trailing `.value` of nnx Variables is dropped."""
-    out = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        keys = tuple(_norm_key(k) for k in path)
-        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
-            keys = keys[:-1]
-        out.append((keys, leaf))
-    return out
 
 
 def optimizer_shardings(opt_state_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -200,14 +220,12 @@ def optimizer_shardings(opt_state_shapes: Any, param_shardings: Any, mesh: Mesh)
     wraps the param tree in named tuples / dicts, e.g. `inner_states/trainable/inner_state/0/mu/<param>`);
     everything else (counts, scalars) is replicated.
     """
-    by_path: dict[tuple, NamedSharding] = {p: s for p, s in _leaf_paths(param_shardings)}
+    by_path = {path_keys(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
     longest = max((len(p) for p in by_path), default=0)
     repl = NamedSharding(mesh, P())
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
-        keys = tuple(_norm_key(k) for k in path)
-        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
-            keys = keys[:-1]
+        keys = path_keys(path)
         for n in range(min(longest, len(keys)), 0, -1):
             sharding = by_path.get(keys[-n:])
             if sharding is not None:
@@ -226,36 +244,30 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     )
 
 
-def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch arrays: leading (batch) dim split over `data` x `fsdp`, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """Mesh axes the batch dim is split over: the rules table's `batch` entry."""
+    return _rules_dict(rules).get("batch", ())
+
+
+def data_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Batch arrays: leading (batch) dim split over `batch_axes(rules)`, the rest replicated."""
+    return NamedSharding(mesh, P(batch_axes(rules) or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_batch_slice(mesh: Mesh, global_rows: int) -> slice:
-    """Rows of a `global_rows` batch that this process's devices hold under `data_sharding` (contiguous).
-
-    A data loader that wants the multi-process batch to equal the single-process one loads exactly these rows.
-    """
-    index_map = data_sharding(mesh).addressable_devices_indices_map((global_rows,))
-    starts = sorted({idx[0].indices(global_rows)[0] for idx in index_map.values()})
-    stops = sorted({idx[0].indices(global_rows)[1] for idx in index_map.values()})
-    if any(b != a for a, b in zip(stops[:-1], starts[1:], strict=True)):
-        raise ValueError(f"this process's batch rows are not contiguous under mesh {dict(mesh.shape)}")
-    return slice(starts[0], stops[-1])
-
-
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                 rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """Global arrays from this process's rows: `int32[B_local, ...]` per process -> `[B_local * P, ...]`.
 
     Each process passes the rows its devices hold (its data-pipeline shard); with one process this is a
     sharded `device_put`.
     """
-    sharding = data_sharding(mesh)
-    batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    sharding = data_sharding(mesh, rules)
+    axes = batch_axes(rules)
+    batch_shards = math.prod(mesh.shape[a] for a in axes)
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
@@ -263,7 +275,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
         if global_rows % batch_shards:
             raise ValueError(
                 f"batch[{key!r}]: global batch {global_rows} (local {value.shape[0]} x "
-                f"{jax.process_count()} processes) is not divisible by data*fsdp = {batch_shards}"
+                f"{jax.process_count()} processes) is not divisible by {'*'.join(axes)} = {batch_shards}"
             )
         out[key] = jax.make_array_from_process_local_data(sharding, value, (global_rows, *value.shape[1:]))
     return out

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from emollm_jax import experiment, flops, sharding
+from emollm_jax.configuration import Section
 from emollm_jax.data import stage_stream
 from emollm_jax.hooks import (
     Checkpointing,
@@ -41,6 +42,29 @@ from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 
 if TYPE_CHECKING:
     from emollm_jax.checkpoint import Checkpointer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """`config.train`: logging, checkpointing, profiling and the loss's chunking."""
+
+    log_every: int = 10          # steps between metric lines
+    checkpoint_every: int = 200  # steps between checkpoints
+    max_to_keep: int = 2         # newest checkpoints kept
+    # Cross-entropy over the vocab in chunks of this many positions (0: all at once); chunks where no row is
+    # supervised are skipped (answer-only loss: most are).
+    loss_chunk: int = 32
+    profile_steps: int = 0       # trace this many steps after the first one into <workdir>/profile (0: off)
+
+    def check(self) -> None:
+        for field in ("log_every", "checkpoint_every", "max_to_keep"):
+            if getattr(self, field) <= 0:
+                self.fail(field, "must be positive")
+        if self.loss_chunk < 0:
+            self.fail("loss_chunk", "must be >= 0 (0: the whole sequence at once)")
+        if self.profile_steps < 0:
+            self.fail("profile_steps", "must be >= 0 (0: no profile)")
+
 
 log = logging.getLogger(__name__)
 

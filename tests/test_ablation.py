@@ -1,35 +1,28 @@
 """configs/ablation.py variants and the ablation table."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from emollm_jax.ablation import render_table
+from emollm_jax.configuration import ConfigError, apply_overrides, flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("ablation_config", ROOT / "configs" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ABLATION = ROOT / "configs" / "ablation.py"
 
 
 def test_variants_and_overrides():
-    mod = _module()
-    config = mod.get_config()
+    config = load_config(ABLATION)
     assert sorted(config.ablation.variants) == ["mlp_m0", "mvp_m0", "mvp_m1", "mvp_m3"]
-    assert len(mod.get_config("grid").ablation.variants) == 6
-    flat = mod.flatten(config.ablation.variants["mlp_m0"])
+    assert len(load_config(f"{ABLATION}:grid").ablation.variants) == 6
+    flat = flatten(config.ablation.variants["mlp_m0"])
     assert flat == {"model.projector.kind": "mlp2x_gelu", "emoprompt.num_exemplars": 0}
-    cfg = mod.apply_overrides(config, flat)
+    cfg = apply_overrides(config, flat)
     assert cfg.model.projector.kind == "mlp2x_gelu" and config.model.projector.kind == "mvp"  # copy
-    with pytest.raises(KeyError, match="model.projector.knd"):
-        mod.apply_overrides(config, {"model.projector.knd": "x"})
+    with pytest.raises(ConfigError, match="model.projector.knd"):
+        apply_overrides(config, {"model.projector.knd": "x"})
     with pytest.raises(ValueError, match="unknown argument"):
-        mod.get_config("nope")
+        load_config(f"{ABLATION}:nope")
 
 
 def test_render_table():

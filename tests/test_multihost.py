@@ -20,6 +20,15 @@ STEPS = 3
 GLOBAL_BATCH = 8
 
 
+def _local_rows(sharding, global_rows: int) -> slice:
+    """Rows of a `global_rows` batch that this process's devices hold under `sharding` (contiguous)."""
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    starts = sorted({idx[0].indices(global_rows)[0] for idx in index_map.values()})
+    stops = sorted({idx[0].indices(global_rows)[1] for idx in index_map.values()})
+    assert all(b == a for a, b in zip(stops[:-1], starts[1:], strict=True)), "rows are not contiguous"
+    return slice(starts[0], stops[-1])
+
+
 def _worker() -> None:
     import emollm_jax  # noqa: F401
     from emollm_jax import sharding as shd
@@ -66,7 +75,7 @@ def _worker() -> None:
         out_shardings=(psh, osh, shd.replicated(mesh)),
         donate_argnums=(0, 1),
     )
-    rows = shd.local_batch_slice(mesh, GLOBAL_BATCH)
+    rows = _local_rows(shd.data_sharding(mesh), GLOBAL_BATCH)
     losses = []
     for i in range(STEPS):
         ids = np.random.default_rng(i).integers(0, cfg.vocab_size, (GLOBAL_BATCH, 9), dtype=np.int32)

@@ -38,12 +38,9 @@ PARAM_CLOSE, CLOSE_FRACTION = 1e-6, 0.999
 
 
 def _tiny_config(**data):
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import emobench
-    finally:
-        sys.path.pop(0)
-    config = emobench.get_config("tiny")
+    from emollm_jax.configuration import load_config
+
+    config = load_config(f"{REPO / 'configs' / 'emobench.py'}:tiny")
     config.data.update(data)
     return config
 

@@ -2,7 +2,6 @@
 runs end to end on the tiny config (remat and extrapolated branches)."""
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -11,15 +10,13 @@ import numpy as np
 import pytest
 
 from emollm_jax import experiment, plan, sharding, train
+from emollm_jax.configuration import load_config
 
-_PATH = Path(__file__).resolve().parents[1] / "configs" / "emobench.py"
-_spec = importlib.util.spec_from_file_location("emobench_config", _PATH)
-emobench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emobench)
+TINY = f"{Path(__file__).resolve().parents[1] / 'configs' / 'emobench.py'}:tiny"
 
 
 def _config(remat: bool, **text):
-    config = emobench.get_config("tiny")
+    config = load_config(TINY)
     config.model.text.update(remat=remat, dtype="bfloat16", **text)
     config.model.vision.update(num_layers=1)
     config.model.projector.levels = (-1, -2)

@@ -2,7 +2,6 @@
 run on generated mini-EmoBench lowers the answer loss; the chunked loss equals the plain one; NaN stops it;
 hooks passed to `train.train` see every step's metrics; `train.profile_steps` leaves a trace."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import numpy as np
 import pytest
 
 from emollm_jax import experiment, hooks, sharding, train
+from emollm_jax.configuration import load_config
 
-_PATH = Path(__file__).resolve().parents[1] / "configs" / "emobench.py"
-_spec = importlib.util.spec_from_file_location("emobench_config", _PATH)
-emobench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emobench)
+TINY = f"{Path(__file__).resolve().parents[1] / 'configs' / 'emobench.py'}:tiny"
 
 
 def _batch(cfg, b=8, t=96, k=4, seed=0):
@@ -51,7 +48,7 @@ def _losses(config, mesh, steps=3):
 
 
 def test_data_parallel_8_matches_1_device():
-    config = emobench.get_config("tiny")
+    config = load_config(TINY)
     config.stages.emotional.warmup_ratio = 0.0
     ref, p1 = _losses(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     dp, p8 = _losses(config, sharding.make_mesh({"data": 8}))
@@ -66,7 +63,7 @@ def test_data_parallel_8_matches_1_device():
 
 
 def test_fsdp_mesh_matches_too():
-    config = emobench.get_config("tiny")
+    config = load_config(TINY)
     config.mesh.update(data=2, fsdp=4)
     ref, _ = _losses(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), steps=2)
     fs, params = _losses(config, sharding.make_mesh({"data": 2, "fsdp": 4}), steps=2)
@@ -98,7 +95,7 @@ def test_chunked_loss_equals_plain():
 
 
 def _tiny_run_config():
-    c = emobench.get_config("tiny")
+    c = load_config(TINY)
     # Two buckets: short caption/VQA batches and longer (video) ones compile separately in one stage.
     c.data.update(mini_train_per_task=12, mini_test_per_task=2, max_len=160, seq_buckets=(80, 160))
     c.stages.objective.update(steps=3, batch_size=8)

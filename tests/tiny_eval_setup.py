@@ -3,17 +3,15 @@ config (shrunk further for speed) and a random EmoLLM."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from emollm_jax.configuration import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(data_root: Path, tokenizer: Path, **eval_overrides):
-    spec = importlib.util.spec_from_file_location("emobench_config", ROOT / "configs" / "emobench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = load_config(f"{ROOT / 'configs' / 'emobench.py'}:tiny")
     c.data.root = str(data_root)
     c.data.tokenizer = str(tokenizer)
     c.model.text.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)

@@ -46,10 +46,17 @@ class PartConfig(Section):
 
     kind: ClassVar[str] = ""
     config_only: ClassVar[tuple[str, ...]] = ("kind",)
+    dtypes: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")  # what `dtype` fields may say
     logical_axes: ClassVar[tuple[str, ...]] = ()  # the logical names its parameters carry
     hf_model_types: ClassVar[tuple[str, ...]] = ()  # HF `model_type`s whose config.json describes this part
     hf_prefixes: ClassVar[tuple[str, ...]] = ("",)  # where its keys sit in the checkpoints it comes alone in
     hf_probe_key: ClassVar[str] = ""  # a key (after the prefix) every checkpoint of it has
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field, "float32") not in self.dtypes:
+                self.fail(field, f"unknown dtype; expected one of {self.dtypes}")
 
     @classmethod
     def block(cls, **fields: Any) -> ml_collections.ConfigDict:
