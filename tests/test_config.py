@@ -219,14 +219,14 @@ def test_string_overrides_take_the_type_of_the_key():
         "stages.emotional.steps=400",
         "stage_order=('emotional',)",        # tuple literal
         "data.seq_buckets=(96, 160)",
-        "train.profile=true",                # absl-style boolean
+        "data.mini_video_files=true",        # absl-style boolean
         "data.root=/data/emo bench",         # a path stays text
         "eval.control_split=123",            # a str key keeps digits as text
     ])
     assert c.stages.emotional.lr == 1.0 and isinstance(c.stages.emotional.lr, float)
     assert c.stages.emotional.steps == 400
     assert tuple(c.stage_order) == ("emotional",) and tuple(c.data.seq_buckets) == (96, 160)
-    assert c.train.profile is True
+    assert c.data.mini_video_files is True
     assert c.data.root == "/data/emo bench" and c.eval.control_split == "123"
     mapped = load_config(_PATH, {"stages.emotional.batch_size": "32", "mesh.fsdp": 2})
     assert mapped.stages.emotional.batch_size == 32 and mapped.mesh.fsdp == 2
@@ -270,7 +270,7 @@ def test_main_reports_a_config_error_in_one_line_and_exits_2(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == [
         "error: config.train.bogus: unknown key; config.train has checkpoint_every, log_every, loss_chunk, "
-        "max_to_keep, profile"]
+        "max_to_keep, profile_steps"]
     assert not (tmp_path / "w").exists()  # refused before anything was written
     out = _main(f"--config={_PATH}:tiny", "--config.stages.emotional.lr", "-1", f"--workdir={tmp_path / 'w'}")
     assert out.returncode == 2 and out.stderr.splitlines() == [
