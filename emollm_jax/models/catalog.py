@@ -5,6 +5,6 @@ A new part is a model file whose config class carries `@vision_tower(...)`, `@pr
 before the config is read).
 """
 
-from emollm_jax.models import clip, llama, projectors  # noqa: F401
+from emollm_jax.models import clip, llama, projectors, siglip  # noqa: F401
 
-__all__ = ["clip", "llama", "projectors"]
+__all__ = ["clip", "llama", "projectors", "siglip"]
