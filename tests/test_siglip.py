@@ -18,10 +18,11 @@ from emollm_jax.models.layers import resample_posemb
 from emollm_jax.models.siglip import SiglipConfig, SiglipVisionTransformer
 
 # Every non-size field as in google/siglip-so400m-patch14-384's vision config (gelu_pytorch_tanh, eps 1e-6,
-# the pooling head on); sizes tiny, patch 14 kept so the grid is not a power of two.
-TINY = dict(image_size=42, patch_size=14, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+# the pooling head on); sizes tiny. Patch 14 kept, and, as 384 px there, an image size that is not a multiple
+# of it (44 px: 3x3 patches, the remainder dropped).
+TINY = dict(image_size=44, patch_size=14, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
             num_attention_heads=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
-PIXELS = np.random.default_rng(0).uniform(-1, 1, (2, 3, 42, 42)).astype(np.float32)
+PIXELS = np.random.default_rng(0).uniform(-1, 1, (2, 3, 44, 44)).astype(np.float32)
 
 
 def _perturb(model):

@@ -60,13 +60,14 @@ class SiglipConfig(VisionTowerConfig):
             self.fail("hidden_act", f"supported: {sorted(layers.ACTIVATIONS)}")
         if self.hidden_size % self.num_heads:
             self.fail("hidden_size", f"not divisible by num_heads={self.num_heads}")
-        if self.image_size % self.patch_size:
-            self.fail("image_size", f"not a multiple of patch_size={self.patch_size}")
+        if self.image_size < self.patch_size:  # not a multiple is fine: so400m/14 at 384 px has 27x27 patches
+            self.fail("image_size", f"smaller than one patch ({self.patch_size})")
         if self.image_mode not in IMAGE_MODES:
             self.fail("image_mode", f"expected one of {IMAGE_MODES}")
 
     @property
     def grid_size(self) -> int:
+        """Patches per side: the convolution drops a remainder (HF's `image_size // patch_size`)."""
         return self.image_size // self.patch_size
 
     @property
