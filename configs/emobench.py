@@ -181,6 +181,8 @@ def _qwen05b() -> ml_collections.ConfigDict:
     c.model.video_pooling = "mean"  # 8 frames x 729 tokens would not fit 2048 tokens
     c.data.template = "chatml"  # LLaVA's conv_qwen
     _pretrained_recipe(c)
+    # `--mode=plan`, stage 2: 8 devices fit the whole batch (~36 GiB each); one 80 GB GPU needs
+    # --config.stages.emotional.grad_accum=8 (~49 GiB).
     return c
 
 
@@ -199,6 +201,9 @@ def _llama3_8b() -> ml_collections.ConfigDict:
     c.model.video_pooling = "mean"
     c.data.template = "llama3"  # LLaVA-NeXT's llava_llama_3
     _pretrained_recipe(c)
+    # `--mode=plan` on 8 devices (fsdp 8): the whole stage-2 batch needs ~76 GiB per device, two micro-batches
+    # ~52 GiB. Full fine-tuning does not fit one 80 GB GPU (fp32 master weights and Adam alone are 122 GiB).
+    c.stages.emotional.grad_accum = 2
     return c
 
 
