@@ -28,13 +28,16 @@ def _encoder(mels, width, layers, heads, ffn, positions, **more):
                 encoder_ffn_dim=ffn, max_source_positions=positions, **more)
 
 
-# name -> (HF class saved, encoder shape); decoders are one small layer: in the file only to be skipped
+# name -> (HF class saved, encoder shape); decoders (one small layer) and the classifier's head are in the
+# files only to be skipped
 CONFIGS = {
     "model_80mel_4heads": ("WhisperModel", _encoder(80, 64, 2, 4, 96, 30)),
     "generation_128mel_3heads": ("WhisperForConditionalGeneration", _encoder(128, 48, 3, 3, 80, 25)),
     "model_8heads_gelu_new": ("WhisperModel", _encoder(80, 64, 1, 8, 128, 16,
                                                        activation_function="gelu_new")),
     "encoder_only_128mel_2heads": ("WhisperEncoder", _encoder(128, 32, 2, 2, 64, 20)),
+    "classifier_80mel_2heads": ("WhisperForAudioClassification",
+                                _encoder(80, 32, 2, 2, 48, 12, use_weighted_layer_sum=True, num_labels=3)),
 }
 DECODER = dict(decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=64,
                max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
