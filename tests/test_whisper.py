@@ -118,6 +118,31 @@ def test_front_end_features_of_speech_go_through_both_encoders(tmp_path):
                                atol=1e-4)
 
 
+def test_loads_onto_a_mesh_by_the_default_rules_and_runs_there(tmp_path):
+    """Placed by the logical names through `sharding.DEFAULT_RULES` (fsdp 4 x tensor 2) as tensors are read;
+    the sharded forward still matches transformers."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from emollm_jax import sharding
+    from emollm_jax.pytree import path_keys
+
+    arch, encoder = CONFIGS["model_80mel_4heads"]
+    hf = make_hf(tmp_path, arch, encoder)
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    abstract = nnx.eval_shape(lambda: WhisperConfig.from_hf(hf.config.to_dict()).build(rngs=nnx.Rngs(0)))
+    placement = sharding.logical_shardings(nnx.state(abstract), mesh, sharding.DEFAULT_RULES)
+    flat = {path_keys(k): s for k, s in jax.tree_util.tree_leaves_with_path(
+        placement, is_leaf=lambda x: isinstance(x, NamedSharding))}
+    ours = load_hf(tmp_path, shardings=lambda path, arr: jax.device_put(arr, flat[path]))
+    q = ours.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor")), 2)
+    assert ours.embed_positions[...].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "fsdp")), 2)
+    x = features(encoder, batch=4, seed=5)
+    np.testing.assert_allclose(np.asarray(last_hidden(ours, jnp.asarray(x))),
+                               hf_hidden(hf, x).last_hidden_state.numpy(), rtol=0, atol=1e-4)
+
+
 def test_decoder_keys_are_accounted_for_and_skipped_with_a_log_line(tmp_path, caplog):
     arch, encoder = CONFIGS["generation_128mel_3heads"]
     make_hf(tmp_path, arch, encoder)
