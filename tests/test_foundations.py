@@ -396,3 +396,24 @@ def test_qwen05b_is_llava_interleave_qwen_05b():
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
               "rms_norm_eps", "rope_theta", "tie_word_embeddings", "attention_bias", "sliding_window")
     assert {f: getattr(hub.text, f) for f in fields} == {f: getattr(ours.text, f) for f in fields}
+
+
+def test_a_head_tied_by_the_llava_config_alone(tmp_path):
+    """transformers ties a Llava's lm_head when its top-level tie_word_embeddings says so, whatever the text
+    config says (and writes no head): so do we."""
+    config = _hf_config("interleave_qwen")
+    config.text_config.tie_word_embeddings = False
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    hf = transformers.LlavaForConditionalGeneration(config).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["tie_word_embeddings"] and not written["text_config"]["tie_word_embeddings"]
+    ours = load_hf(tmp_path)
+    assert ours.config.text.tie_word_embeddings
+    ids, mask, hf_pixels, pixels, frame_media = _batch(ours, 1000)
+    got = _our_logits(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), pixels, frame_media,
+                      jnp.asarray(_positions(mask)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[real], _hf_logits(hf, ids, mask, hf_pixels)[real], atol=1e-4)

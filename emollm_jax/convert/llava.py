@@ -104,6 +104,8 @@ def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfi
         raise CheckpointError("config.json multimodal_projector_bias=false is not supported")
     vision_o, text_o, top = _split_overrides(overrides)
     text = _decoder_hf(hf["text_config"])
+    if hf.get("tie_word_embeddings"):  # transformers ties a Llava's head when either config says so
+        text["tie_word_embeddings"] = True
     kwargs: dict[str, Any] = dict(
         vision=_part(VISION_TOWERS, hf["vision_config"], "vision_config").from_hf(hf["vision_config"],
                                                                                  **vision_o),
