@@ -352,8 +352,3 @@ class SiglipVisionTransformer(nnx.Module):
             hidden.append(x)
         pooled = self.head(self.post_layernorm(x)) if self.head is not None else None
         return TowerOutput(tuple(hidden), pooled)
-
-    def last_hidden_state(self, pixel_values: jax.Array) -> jax.Array:
-        """float[N, H, W, C] -> float[N, P, D]: the last layer after `post_layernorm` (HF's
-        `last_hidden_state`)."""
-        return self.post_layernorm(self(pixel_values).hidden_states[-1])
