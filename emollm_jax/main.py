@@ -5,7 +5,8 @@ eval on the trained params; the default). `--config.a.b=value` (or `--config.a.b
 key; the config is made by `configuration.load_config`, as the ablation driver, the benchmarks and the tests
 make it. A config error (unknown key, bad value, missing input path) or a bad predict request is one line on
 stderr and exit status 2; a workdir another run holds, or a damaged checkpoint with no good one before it,
-one line and exit status 1 (the traceback too with `--verbosity=1`). Multi-host: pass
+one line and exit status 1 (the traceback too with `--verbosity=1`). Training stopped by SIGTERM (preemption)
+saves a checkpoint and exits with status 75; the same command resumes. Multi-host: pass
 `--coordinator_address/--num_processes/--process_id` (or rely on the cluster environment).
 """
 
@@ -89,9 +90,13 @@ def _exit_status(e: Exception) -> int | None:
         return 2
     if isinstance(e, WorkdirBusy):
         return 1
-    # This module imports JAX; an error of its means it is loaded (a config error must not load it).
-    checkpoint = sys.modules.get("emollm_jax.checkpoint")
+    # These modules import JAX; an error of theirs means they are loaded (a config error must not load them).
+    checkpoint, hooks = sys.modules.get("emollm_jax.checkpoint"), sys.modules.get("emollm_jax.hooks")
     if checkpoint is not None and isinstance(e, checkpoint.CheckpointDamaged):
+        return 1
+    if hooks is not None and isinstance(e, hooks.Preempted):
+        return hooks.Preempted.exit_code
+    if hooks is not None and isinstance(e, hooks.NonFiniteError):
         return 1
     return None
 
