@@ -260,8 +260,10 @@ class Preemption(Hook):
             raise Preempted(step.global_step, self.checkpointing.ckpt.directory)
 
     def on_run_end(self) -> None:
+        """A SIGTERM during the last step: the run is complete and saved, but still stops (one process; with
+        several, only a notice all of them agreed on counts)."""
         latest = self.checkpointing.ckpt.latest_step()
-        if self.requested.is_set() and latest is not None:  # the notice came during the last step
+        if self.process_count == 1 and self.requested.is_set() and latest is not None:
             raise Preempted(latest, self.checkpointing.ckpt.directory)
 
     def close(self) -> None:
