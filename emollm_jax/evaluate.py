@@ -267,7 +267,7 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     if init_from:
         experiment.load_initial_weights(config, model, init_from)
         return model, str(init_from)
-    from emollm_jax.checkpoint import Checkpointer, restore_params
+    from emollm_jax.checkpoint import Checkpointer, restore_latest_params
 
     ckpt_dir = Path(workdir) / "checkpoints"
     step = None
@@ -277,7 +277,8 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     if step is None:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate; train first (--mode=train) or pass "
                                 "--init_from=<HF dir or params checkpoint>")
-    nnx.update(model, restore_params(ckpt_dir / str(step), nnx.state(model, nnx.Param), None))
+    step, params = restore_latest_params(ckpt_dir, nnx.state(model, nnx.Param), None)  # newest that verifies
+    nnx.update(model, params)
     return model, f"{ckpt_dir} step {step}"
 
 

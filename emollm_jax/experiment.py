@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from emollm_jax.configuration import Section
+from emollm_jax.configuration import ConfigError, Section
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.pytree import flat_leaves
 
@@ -86,15 +86,48 @@ def _record_texts(root: str, split: str, template: str = "vicuna_v1") -> list[st
     return texts
 
 
+# Config keys naming inputs that must exist, and what they must be (checked before anything is written).
+INPUT_PATHS = (("data.root", "dir"), ("data.tokenizer", "any"), ("init.hf", "dir"), ("init.llm", "dir"),
+               ("init.vision", "dir"), ("init.params", "dir"))
+
+
+def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
+                keys: tuple[str, ...] | None = None) -> None:
+    """Refuses a configured input path that does not exist, naming its key (`ConfigError`): before a run
+    writes anything, not later as a tokenizer or checkpoint problem. `init_from` is the `--init_from` flag;
+    `keys` limits the check to some of INPUT_PATHS."""
+    checks = []
+    for key, kind in INPUT_PATHS:
+        if keys is not None and key not in keys:
+            continue
+        block, field = key.split(".")
+        checks.append((f"config.{key}", config[block][field], kind))
+    checks.append(("--init_from", init_from or "", "dir"))
+    for name, value, kind in checks:
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if kind == "dir" and not path.is_dir():
+            what = "not a directory" if path.exists() else "no such directory"
+            raise ConfigError(f"{name}={value}: {what}")
+        if kind == "any" and not path.exists():
+            raise ConfigError(f"{name}={value}: no such file or directory")
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataSetup:
     """Data root and tokenizer path; generates mini-EmoBench and trains the tiny tokenizer when the config
-    leaves them empty. Only process 0 writes; the others wait at a barrier, then read the same files."""
+    leaves them empty. Only process 0 writes; the others wait at a barrier, then read the same files.
+    The configured paths it reads are checked first, by key (`check_paths`)."""
     workdir = Path(workdir)
     root = config.data.root or str(workdir / "data")
+    tokenizer_keys = (("data.tokenizer", config.data.tokenizer), ("init.llm", config.init.llm),
+                      ("init.hf", config.init.hf))
+    tok_key = next((key for key, value in tokenizer_keys if value), None)
     tok_path = config.data.tokenizer or config.init.llm or config.init.hf or str(workdir / "tokenizer")
     must_generate = not config.data.root and not (workdir / "data" / "card.json").exists()
     must_tokenize = not (config.data.tokenizer or config.init.llm or config.init.hf) and not (
         Path(tok_path) / "tokenizer.json").exists()
+    check_paths(config, keys=(tok_key,) + (("data.root",) if must_tokenize else ()))  # what is read here
     if jax.process_index() == 0:
         if must_generate:
             from data_pipeline import mini_emobench

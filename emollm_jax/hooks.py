@@ -11,8 +11,9 @@ The loop (`train.train`) runs stages and steps and nothing else; at fixed points
 
 A hook is a `Hook` subclass overriding what it needs; raising in a method stops the run (the exception
 reaches the caller of `train.train`, and the later hooks' `on_stage_end` and `close` still run). The built-in
-hooks run first, in this order: `NonFiniteStop`, `TrainLogging`, `Checkpointing`, `Profiling`; hooks passed
-to `train.train(..., hooks=...)` run after them, so they see steps that are finite, logged and saved.
+hooks run first, in this order: `NonFiniteStop`, `TrainLogging`, `Checkpointing`, `Preemption`, `Profiling`;
+hooks passed to `train.train(..., hooks=...)` run after them, so they see steps that are finite, logged and
+saved.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -39,7 +42,20 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or gradient norm stopped being finite; the last complete checkpoint is left in place."""
+    """The loss, gradient norm or weights stopped being finite; the last good checkpoint is left in place."""
+
+
+class Preempted(Exception):  # noqa: N818  (an event the caller handles, not a fault)
+    """SIGTERM (how cloud preemption arrives) or the cluster's preemption notice stopped the run after a
+    checkpoint of `step` was saved; running the same command resumes from it. `exit_code` is 75 (EX_TEMPFAIL:
+    try again)."""
+
+    exit_code = 75
+
+    def __init__(self, step: int, directory: str | Path):
+        super().__init__(f"preempted: checkpoint of step {step} saved in {directory}; run the same command "
+                         "to resume")
+        self.step, self.directory = step, directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,17 +153,35 @@ def _call_all(calls: Sequence[Callable[[], None]]) -> None:
 
 class NonFiniteStop(Hook):
     """Stops the run with `NonFiniteError` at the first step whose loss or gradient norm is not finite,
-    before that step is logged or saved."""
+    before that step is logged or saved. That step's loss was computed from the weights of the step before:
+    if those were checkpointed, the checkpoint is moved aside (`<step>.nonfinite`, kept for inspection), so
+    the newest checkpoint left is one whose weights gave a finite loss. (Weights that are themselves NaN or
+    inf are never saved: `Checkpointing`.)"""
 
     def __init__(self, ckpt: Checkpointer):
         self.ckpt = ckpt
 
     def on_step(self, stage: StageInfo, step: StepEvent) -> None:
         loss, gnorm = step.metrics["loss"], step.metrics["grad_norm"]
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            raise NonFiniteError(f"stage {stage.name!r} step {step.stage_step} (global step "
-                                 f"{step.global_step}): loss={loss}, grad_norm={gnorm}; stopping, the last "
-                                 f"complete checkpoint (step {self.ckpt.latest_step()}) is kept")
+        if math.isfinite(loss) and math.isfinite(gnorm):
+            return
+        where = f"stage {stage.name!r} step {step.stage_step} (global step {step.global_step})"
+        note = ""
+        previous = step.global_step - 1
+        if self.ckpt.latest_step() == previous:
+            why = (f"checkpoint step {previous} holds the weights that gave loss={loss}, grad_norm={gnorm} "
+                   f"at global step {step.global_step}")
+            moved = self.ckpt.set_aside(previous, "nonfinite", why)
+            note = f"checkpoint {previous} holds the weights that gave it, moved to {moved}; "
+        raise NonFiniteError(f"{where}: loss={loss}, grad_norm={gnorm}; stopping; {note}"
+                             f"{_kept(self.ckpt)}")
+
+
+def _kept(ckpt: Checkpointer) -> str:
+    latest = ckpt.latest_step()
+    if latest is None:
+        return "no checkpoint is left: a rerun starts from the initial weights"
+    return f"the last good checkpoint (step {latest}) is kept"
 
 
 class Checkpointing(Hook):
@@ -161,14 +195,91 @@ class Checkpointing(Hook):
         self.save(stage, step, force=step.stage_step == stage.steps)
 
     def save(self, stage: StageInfo, step: StepEvent, *, force: bool = False) -> bool:
-        """Checkpoint of the state after `step` (params, optimizer, data iterator, stage position)."""
+        """Checkpoint of the state after `step` (params, optimizer, data iterator, stage position); weights
+        or optimizer state holding NaN or inf stop the run with `NonFiniteError` instead."""
+        from emollm_jax.checkpoint import NonFiniteCheckpointError
+
         meta = dict(stage_index=stage.index, stage_name=stage.name, stage_step=step.stage_step,
                     global_step=step.global_step)
-        return self.ckpt.save(step.global_step, params=step.params, opt_state=step.opt_state, meta=meta,
-                              data_state=step.data_state, force=force)
+        try:
+            return self.ckpt.save(step.global_step, params=step.params, opt_state=step.opt_state, meta=meta,
+                                  data_state=step.data_state, force=force)
+        except NonFiniteCheckpointError as e:
+            raise NonFiniteError(f"stage {stage.name!r} step {step.stage_step} (global step "
+                                 f"{step.global_step}): {e}; stopping; {_kept(self.ckpt)}") from e
 
     def on_run_end(self) -> None:
         self.ckpt.wait()
+
+
+class Preemption(Hook):
+    """On a preemption notice, saves a checkpoint of the step just finished and stops the run with
+    `Preempted`; the same command then resumes exactly there.
+
+    One process: the notice is SIGTERM, caught by a handler installed while the run trains (from the main
+    thread only) that just sets a flag; the step in flight finishes first. Several processes: JAX's
+    preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any of them and agrees
+    on a step every process reaches (`multihost_utils.reached_preemption_sync_point`), so all save the
+    same step; with that service disabled, the processes OR their SIGTERM flags after every step."""
+
+    def __init__(self, checkpointing: Checkpointing, process_count: int = 1):
+        self.checkpointing, self.process_count = checkpointing, process_count
+        self.requested = threading.Event()
+        self._service = process_count > 1 and _preemption_service()
+        self._previous: Any = None
+        self._installed = False
+
+    def on_stage_start(self, stage: StageInfo) -> None:
+        if self._service or self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._installed = True
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self.requested.is_set():
+            log.warning("SIGTERM: saving a checkpoint after the step in flight, then stopping")
+        self.requested.set()
+
+    def reached(self, global_step: int) -> bool:
+        """Whether the run must save and stop after `global_step` (the same answer on every process)."""
+        if self._service:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(global_step)
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.asarray([self.requested.is_set()], np.int32))
+            return bool(np.any(flags))
+        return self.requested.is_set()
+
+    def on_step(self, stage: StageInfo, step: StepEvent) -> None:
+        if self.reached(step.global_step):
+            self.checkpointing.save(stage, step, force=True)
+            self.checkpointing.ckpt.wait()
+            raise Preempted(step.global_step, self.checkpointing.ckpt.directory)
+
+    def on_run_end(self) -> None:
+        """A SIGTERM during the last step: the run is complete and saved, but still stops (one process; with
+        several, only a notice all of them agreed on counts)."""
+        latest = self.checkpointing.ckpt.latest_step()
+        if self.process_count == 1 and self.requested.is_set() and latest is not None:
+            raise Preempted(latest, self.checkpointing.ckpt.directory)
+
+    def close(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+
+def _preemption_service() -> bool:
+    """Whether JAX's preemption sync manager runs (multi-process runs, unless turned off). JAX has no public
+    query for it; `multihost_utils.reached_preemption_sync_point` reads the same attribute."""
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return False
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 class TrainLogging(Hook):

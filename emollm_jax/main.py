@@ -3,9 +3,11 @@
 Modes: `train`, `eval`, `predict`, `plan` (AOT memory plan on fake devices, no weights), `all` (train, then
 eval on the trained params; the default). `--config.a.b=value` (or `--config.a.b value`) overrides any config
 key; the config is made by `configuration.load_config`, as the ablation driver, the benchmarks and the tests
-make it. A config error (unknown key, bad value) is one line on stderr and exit status 2 (the traceback too
-with `--verbosity=1`). Multi-host: pass `--coordinator_address/--num_processes/--process_id` (or rely on the
-cluster environment).
+make it. A config error (unknown key, bad value, missing input path) or a bad predict request is one line on
+stderr and exit status 2; a workdir another run holds, or a damaged checkpoint with no good one before it,
+one line and exit status 1 (the traceback too with `--verbosity=1`). Training stopped by SIGTERM (preemption)
+saves a checkpoint and exits with status 75; the same command resumes. Multi-host: pass
+`--coordinator_address/--num_processes/--process_id` (or rely on the cluster environment).
 """
 
 from __future__ import annotations
@@ -69,11 +71,34 @@ def main(args: Args) -> None:
         raise app.UsageError(f"unexpected arguments: {args.argv[1:]}")
     try:
         run_mode(configuration.load_config(FLAGS.config, args.overrides))
-    except configuration.ConfigError as e:
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None:
+            raise
         if FLAGS.verbosity >= 1:
             traceback.print_exc()
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(status)
+
+
+def _exit_status(e: Exception) -> int | None:
+    """Exit status of an error the user can act on (reported in one line), None for anything else."""
+    from emollm_jax.predict import RequestError
+    from emollm_jax.workdir import WorkdirBusy
+
+    if isinstance(e, configuration.ConfigError | RequestError):
+        return 2
+    if isinstance(e, WorkdirBusy):
+        return 1
+    # These modules import JAX; an error of theirs means they are loaded (a config error must not load them).
+    checkpoint, hooks = sys.modules.get("emollm_jax.checkpoint"), sys.modules.get("emollm_jax.hooks")
+    if checkpoint is not None and isinstance(e, checkpoint.CheckpointDamaged):
+        return 1
+    if hooks is not None and isinstance(e, hooks.Preempted):
+        return hooks.Preempted.exit_code
+    if hooks is not None and isinstance(e, hooks.NonFiniteError):
+        return 1
+    return None
 
 
 def run_mode(config: ml_collections.ConfigDict) -> None:
@@ -103,7 +128,32 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
 
         run_plan(config, jax.device_count())
         return
+    _check_inputs(config)
     os.makedirs(workdir, exist_ok=True)
+    from emollm_jax.workdir import lock_run
+
+    lock = lock_run(workdir, FLAGS.mode, jax.process_index(), jax.process_count())
+    try:
+        _run_modes(config, workdir)
+    finally:
+        lock.release()
+
+
+def _check_inputs(config: ml_collections.ConfigDict) -> None:
+    """Input paths named by key and the predict request, before anything is written."""
+    from emollm_jax.experiment import check_paths
+
+    check_paths(config, FLAGS.init_from)
+    if FLAGS.mode == "predict":
+        from emollm_jax.predict import check_request
+
+        check_request(question=FLAGS.question, jsonl=FLAGS.jsonl, image=FLAGS.image, video=FLAGS.video)
+
+
+def _run_modes(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """config.json, then `--mode`'s work, in a workdir this run holds."""
+    import jax
+
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, f"config.json.tmp{os.getpid()}")
         with open(tmp, "w") as f:

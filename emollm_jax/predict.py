@@ -18,6 +18,27 @@ from emollm_jax.answers import parse_answer
 IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 
 
+class RequestError(ValueError):
+    """A predict request that cannot be answered; the message names the flag."""
+
+
+def check_request(*, question: str | None = None, jsonl: str | None = None, image: str | None = None,
+                  video: str | None = None) -> None:
+    """Refuses what `run_predict` could not answer, naming the flag, before any model is loaded: neither or
+    both of a question and a JSONL file, an empty question, media that does not exist."""
+    if (question is None) == (jsonl is None):
+        raise RequestError("predict: give either --question (with --image/--video) or --jsonl")
+    if jsonl is not None and (image or video):
+        raise RequestError("predict: --image/--video belong in the JSONL lines in --jsonl mode")
+    if image and video:
+        raise RequestError("predict: give --image or --video, not both")
+    if question is not None and not question.strip():
+        raise RequestError(f"--question {question!r}: empty; ask a question")
+    for flag, value in (("--image", image), ("--video", video), ("--jsonl", jsonl)):
+        if value and not Path(value).exists():
+            raise RequestError(f"{flag} {value}: no such file or directory")
+
+
 def make_record(question: str, *, image: str | None = None, video: str | None = None, task: str | None = None,
                 options: Sequence[str] | None = None, rid: str = "predict-0") -> dict[str, Any]:
     """An EmoBench-style record for a free question; prepends the media marker when the question lacks it.
@@ -46,6 +67,8 @@ def _from_jsonl_line(obj: Mapping[str, Any], line: int, path: Path) -> dict[str,
         return dict(obj, id=rid)
     if not isinstance(obj.get("question"), str):
         raise ValueError(f"{path}:{line}: needs a 'question' string or a 'conversations' list")
+    if not obj["question"].strip():
+        raise ValueError(f"{path}:{line}: 'question' is empty")
     return make_record(obj["question"], image=obj.get("image"), video=obj.get("video"), task=obj.get("task"),
                        options=obj.get("options"), rid=rid)
 
@@ -104,10 +127,7 @@ def run_predict(config: Any, workdir: str | os.PathLike, *, image: str | None = 
     (default `<workdir>/predict/outputs.jsonl`). Weights: `init_from`, else the latest checkpoint."""
     from emollm_jax import eval_report, evaluate, experiment
 
-    if (question is None) == (jsonl is None):
-        raise ValueError("predict: give either --question (with --image/--video) or --jsonl")
-    if jsonl is not None and (image or video):
-        raise ValueError("predict: --image/--video belong in the JSONL lines in --jsonl mode")
+    check_request(question=question, jsonl=jsonl, image=image, video=video)
     setup = experiment.prepare_data(config, workdir)
     tokenizer = tokenizer or experiment.load_tokenizer(setup)
     if model is None:

@@ -33,6 +33,7 @@ from emollm_jax.hooks import (
     Hook,
     Hooks,
     NonFiniteStop,
+    Preemption,
     Profiling,
     StageInfo,
     StepEvent,
@@ -394,24 +395,40 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
 
 def builtin_hooks(ctx: RunContext) -> list[Hook]:
     """The hooks every run has, in calling order: stop on a non-finite step (before it is logged or saved),
-    logs, checkpoints, and the optional trace of `train.profile_steps` steps into <workdir>/profile."""
+    logs, checkpoints, save-and-stop on SIGTERM / a preemption notice, and the optional trace of
+    `train.profile_steps` steps into <workdir>/profile."""
     config = ctx.config
     profile_dir = ctx.workdir / "profile"
     if ctx.process_count > 1:
         profile_dir = profile_dir / f"process_{ctx.process_index}"
+    checkpointing = Checkpointing(ctx.ckpt)
     return [
         NonFiniteStop(ctx.ckpt),
         TrainLogging(ctx.workdir, log_every=int(config.train.log_every), peak_flops=ctx.peak_flops,
                      stages=list(config.stage_order), process_count=ctx.process_count, enabled=ctx.lead),
-        Checkpointing(ctx.ckpt),
+        checkpointing,
+        Preemption(checkpointing, ctx.process_count),
         Profiling(profile_dir, int(config.train.profile_steps)),
     ]
 
 
 def _run_stages(ctx: RunContext) -> TrainResult:
-    """Every stage in order: stages finished before the checkpoint resumed from are skipped, the stage holding
-    it is restored, the rest start with a fresh optimizer state; params carry over."""
-    latest = ctx.ckpt.latest_step()
+    """`_run_stages_from` the newest checkpoint that verifies: a damaged one (raised by the restore, before
+    any step ran) is moved aside with one log line and the next older one is tried."""
+    from emollm_jax.checkpoint import CheckpointDamaged
+
+    while True:
+        try:
+            return _run_stages_from(ctx, ctx.ckpt.latest_step())
+        except CheckpointDamaged as e:
+            if e.step is None or not Path(e.where).is_relative_to(ctx.ckpt.directory / str(e.step)):
+                raise  # initial weights from elsewhere (config.init.*): not this run's to move
+            ctx.ckpt.set_aside(e.step, "damaged", str(e))
+
+
+def _run_stages_from(ctx: RunContext, latest: int | None) -> TrainResult:
+    """Every stage in order: stages finished before the checkpoint resumed from (`latest`) are skipped, the
+    stage holding it is restored, the rest start with a fresh optimizer state; params carry over."""
     params, offset, global_step = None, 0, 0
     losses: dict[str, list[float]] = {}
     streams: list[StageData] = []  # kept alive to the end: a collected record source closes its descriptor

@@ -37,9 +37,12 @@ def save_hf(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     extra_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes config.json (+ generation_config.json for language models) and model.safetensors (sharded with
     an index above `max_shard_bytes`) into `path`, atomically: a temp dir renamed into place when complete.
+    An existing non-empty `path` is replaced only with `overwrite` and only if this project wrote it
+    (`emollm_jax.outdir`).
 
     dtype: tensor dtype on disk (default: the parameters' own). extra_config: keys merged into config.json
     (e.g. bos/eos/pad token ids, which our configs do not carry; they also go to generation_config.json).
@@ -49,7 +52,7 @@ def save_hf(
     if dtype is not None:
         config["dtype"] = dtype
     config.update(extra_config or {})
-    with AtomicDir(path) as tmp:
+    with AtomicDir(path, writer="emollm_jax.convert.save_hf", overwrite=overwrite) as tmp:
         write_safetensors(hf_tensors(model, dtype), tmp, max_shard_bytes=max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if fam.is_lm:

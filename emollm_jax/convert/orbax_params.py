@@ -5,6 +5,8 @@ Layout of a directory written by `save_params` (what `python -m emollm_jax.conve
                            a nested dict keyed like the model's attributes (layer indices are ints)
     <dir>/hf_config.json   the HF config.json it came from (our config = `Family.config_from_hf` of it)
     <dir>/convert.json     {"family": name, "dtype": dtype or null, "source": HF dir}
+    <dir>/params/integrity.json   checksums of the arrays (`emollm_jax.integrity`), verified on load
+    <dir>/.emollm_jax_output      the marker that lets `overwrite=True` replace this directory
 Restore onto any target sharding with an abstract pure dict of `jax.ShapeDtypeStruct(..., sharding=...)`.
 """
 
@@ -18,19 +20,28 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from emollm_jax import integrity
 from emollm_jax.convert.core import abstract_model
 from emollm_jax.convert.hf import families
 from emollm_jax.convert.safetensors_io import AtomicDir, CheckpointError
 
 
 def save_params(model: nnx.Module, out: str | Path, *, family: str, hf_config: dict[str, Any],
-                dtype: str | None = None, source: str = "") -> Path:
-    """Writes the layout above atomically (temp dir renamed into place)."""
+                dtype: str | None = None, source: str = "", overwrite: bool = False) -> Path:
+    """Writes the layout above atomically (temp dir renamed into place). An existing non-empty `out` is
+    replaced only with `overwrite` and only if this project wrote it; weights holding NaN or inf (a cast that
+    overflowed) are refused."""
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with AtomicDir(out) as tmp:
+    section, bad = integrity.record(pure)
+    if bad:
+        raise CheckpointError(f"{out}: not written: {len(bad)} arrays hold NaN or inf after the cast to "
+                              f"{dtype or 'their dtype'}, e.g. {bad[:3]}")
+    with AtomicDir(out, writer="emollm_jax.convert.save_params", overwrite=overwrite,
+                   info={"source": source}) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", pure)
         ckptr.wait_until_finished()
+        integrity.write_params_record(tmp / "params", section)
         (tmp / "hf_config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         meta = {"family": family, "dtype": dtype, "source": source}
         (tmp / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -54,6 +65,16 @@ def load_params(path: str | Path, *, shardings: Any = None) -> nnx.Module:
     if shardings is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               target, shardings)
-    restored = ocp.StandardCheckpointer().restore(path / "params", target)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / "params", target)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise their own types on unreadable files)
+        reason = " ".join(str(e.__cause__ or e).split())[:400]
+        raise CheckpointError(f"{path / 'params'}: cannot be read ({reason})") from e
+    try:
+        section = integrity.params_record(path / "params")
+        if section is not None:
+            integrity.verify(restored, section, where=str(path / "params"))
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"checkpoint is damaged: {e}") from e
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

@@ -1,20 +1,21 @@
 """Checkpoint tensor I/O: stream HF safetensors (single file or sharded index) one tensor at a time, and write
-them back atomically. numpy only (bfloat16 via ml_dtypes), so conversion needs no torch; `.bin` files need an
-explicit `allow_pickle=True` and go through `torch.load(weights_only=True)`.
+them back (into an `AtomicDir`, `emollm_jax.outdir`). numpy only (bfloat16 via ml_dtypes), so conversion
+needs no torch; `.bin` files need an explicit `allow_pickle=True` and go through
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from emollm_jax.outdir import AtomicDir  # noqa: F401  (re-exported: output directories written whole)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -196,30 +197,3 @@ def write_safetensors(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names + [SAFE_INDEX]
-
-
-class AtomicDir:
-    """`with AtomicDir(final) as tmp:` write into tmp; on success tmp replaces `final` by rename."""
-
-    def __init__(self, final: str | os.PathLike):
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            self.final.rename(old)
-            self.tmp.rename(self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.final)
