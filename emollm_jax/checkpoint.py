@@ -2,7 +2,8 @@
 
 A training checkpoint is one step directory with four items: `params` (pure dict of arrays, keyed like
 `nnx.to_pure_dict`), `opt_state` (the optax state pytree), `meta` (JSON: step, stage, config snapshot, rng)
-and `data` (JSON: the input iterator state, so a resumed run sees exactly the batches it would have seen).
+and `data` (JSON: every process's input iterator state, error-budget count included, so each process of a
+resumed run sees exactly the batches it would have seen).
 Orbax writes a step into a temporary directory and renames it when complete, so an interrupted save is never
 listed, and old steps are only deleted once a newer one is complete.
 
@@ -155,9 +156,9 @@ class Checkpointer:
             "opt_state": ocp.args.StandardSave(opt_state),
             "meta": ocp.args.JsonSave(meta),
         }
-        if data_state is not None:
+        if data_state is not None and (force or self._mngr.should_save(step)):
             _check_json("data", data_state)
-            items["data"] = ocp.args.JsonSave(dict(data_state))
+            items["data"] = ocp.args.JsonSave(per_process_data(data_state))
         saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             log.info("checkpoint step %d -> %s", step, self.directory)
@@ -198,7 +199,8 @@ class Checkpointer:
             items["data"] = ocp.args.JsonRestore()
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         params = _rebuild(abstract_params, out["params"])
-        return params, out["opt_state"], dict(out["meta"]), dict(out["data"]) if has_data else None
+        data = own_data(dict(out["data"]), f"{self.directory / str(step)}") if has_data else None
+        return params, out["opt_state"], dict(out["meta"]), data
 
     @staticmethod
     def restore_params(path_or_dir: str | Path, abstract_params: Any, shardings: Any | None = None) -> Any:
@@ -217,6 +219,26 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def per_process_data(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The `data` item: every process's iterator state, gathered from all processes (a collective: every
+    process saves the same step)."""
+    from emollm_jax.sharding import gather_json
+
+    return {"process_count": jax.process_count(), "processes": gather_json(dict(state))}
+
+
+def own_data(item: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """This process's iterator state from a `data` item. A checkpoint written by another number of processes
+    holds no state for this split of the data: the stage's data then starts over (logged as a warning)."""
+    if "processes" not in item:  # a single state, as checkpoints once held
+        return item
+    if int(item["process_count"]) != jax.process_count():
+        log.warning("%s: data-iterator state saved by %d processes, this run has %d: the stage's data "
+                    "starts from its beginning", where, item["process_count"], jax.process_count())
+        return None
+    return item["processes"][jax.process_index()]
 
 
 def save_params(path: str | Path, params: Any) -> None:

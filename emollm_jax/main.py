@@ -4,8 +4,10 @@ Modes: `train`, `eval`, `predict`, `plan` (AOT memory plan on fake devices, no w
 eval on the trained params; the default). `--config.a.b=value` (or `--config.a.b value`) overrides any config
 key; the config is made by `configuration.load_config`, as the ablation driver, the benchmarks and the tests
 make it. A config error (unknown key, bad value) is one line on stderr and exit status 2 (the traceback too
-with `--verbosity=1`). Multi-host: pass `--coordinator_address/--num_processes/--process_id` (or rely on the
-cluster environment).
+with `--verbosity=1`). The console shows progress bars, this project's own lines and every warning and error;
+third-party INFO logs (orbax, absl, grain, jax) go to `<workdir>/run.log` with everything else, and
+`--verbosity=1` brings them back to the console (`emollm_jax.logs`). Multi-host: pass
+`--coordinator_address/--num_processes/--process_id` (or rely on the cluster environment).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import NamedTuple
 import ml_collections
 from absl import app, flags
 
-from emollm_jax import configuration
+from emollm_jax import configuration, logs
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "emobench.py")
 
@@ -81,8 +83,7 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
     from emollm_jax import run_config
 
     run_config.parse_sections(config)  # field errors before JAX starts
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logs.configure(FLAGS.verbosity)
     if FLAGS.mode == "plan":
         _use_fake_devices(int(FLAGS.plan_devices or config.plan.num_devices))
 
@@ -92,9 +93,11 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     run_config.validate_config(config, jax.device_count())
-    if jax.process_index() != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    logs.configure(FLAGS.verbosity, jax.process_index())
     workdir = os.path.abspath(FLAGS.workdir)
+    if FLAGS.mode != "plan":
+        os.makedirs(workdir, exist_ok=True)
+        logs.add_file(workdir, jax.process_index())
     log.info("variant %s, mode %s, workdir %s, %d devices (%d processes)", config.variant, FLAGS.mode,
              workdir, jax.device_count(), jax.process_count())
 
@@ -103,7 +106,6 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
 
         run_plan(config, jax.device_count())
         return
-    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, f"config.json.tmp{os.getpid()}")
         with open(tmp, "w") as f:

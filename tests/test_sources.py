@@ -147,13 +147,17 @@ def test_arrayrecord_roundtrip_embeds_media(bench, tmp_path):
     assert kinds == {"image_bytes", "video_frames_bytes", "video_bytes"}
 
 
-def test_convert_cli_error_budget_and_atomicity(bench, tmp_path):
+def test_convert_cli_error_budget_and_atomicity(bench, tmp_path, capsys):
     root, records = bench
     bad = tmp_path / "bad.jsonl"
-    rows = [json.dumps(r) for r in records[:4]] + [json.dumps(dict(records[0], image="images/missing.png"))]
+    missing = dict(records[0], id="emo_c-missing", image="images/missing.png")
+    rows = [json.dumps(r) for r in records[:4]] + [json.dumps(missing)]
     bad.write_text("\n".join(rows) + "\n")
+    args = [str(bad), "--data-root", str(root), "--out", str(tmp_path / "x/emo")]
+    assert convert_arrayrecord.main(args) == 1
+    assert f"{bad}:5: media:" in capsys.readouterr().err
     with pytest.raises(ErrorBudgetExceeded, match="media"):
-        convert_arrayrecord.main([str(bad), "--data-root", str(root), "--out", str(tmp_path / "x/emo")])
+        convert_arrayrecord.convert([bad], tmp_path / "x/emo", data_root=root)
     assert not os.path.exists(tmp_path / "x") or not os.listdir(tmp_path / "x")
     assert convert_arrayrecord.main([str(bad), "--data-root", str(root), "--out", str(tmp_path / "y/emo"),
                                      "--num-shards", "2", "--max-errors", "1"]) == 0
