@@ -486,12 +486,13 @@ class _EvalBatcher:
 
 class EvalBatches:
     """This process's generation batches (see `make_eval_batches`); `num_records` counts the records of all
-    processes, `num_batches` this process's batches (the last one may be partly padding)."""
+    processes, `local_records` this process's, `num_batches` its batches (the last one may be partly
+    padding)."""
 
     def __init__(self, batches: grain.IterDataset, spec: PipelineSpec, pad_id: int, num_records: int,
                  local_records: int):
         self._batches, self._spec, self._pad_id = batches, spec, pad_id
-        self.num_records = num_records
+        self.num_records, self.local_records = num_records, local_records
         self.num_batches = -(-local_records // spec.batch_size)
         self._it: Iterator | None = None
 

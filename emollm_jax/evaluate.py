@@ -11,6 +11,7 @@ Outputs under `<workdir>/eval/`: results.json, report.md, predictions.jsonl, con
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from data_pipeline.records import OBJECTIVE_TASKS
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
 from emollm_jax.configuration import Section
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +452,8 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
         batches, total = record_batches(config, sources, setup.root, tokenizer, model, prompt_prefix=prefix,
                                         max_examples=int(config.eval.max_examples),
                                         process_index=jax.process_index(), process_count=jax.process_count())
+        log.info("eval %s: %d records, %d of them on process %d of %d", split, batches.num_records,
+                 batches.local_records, jax.process_index(), jax.process_count())
         metas, answers = generate_answers(
             model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens), stop_ids=stops,
             total=total, desc=f"eval {split}", progress=progress and jax.process_index() == 0)

@@ -135,6 +135,12 @@ def test_evaluation_on_two_processes_gives_the_results_of_one(data, tmp_path):
     assert results[0]["splits"]["test"]["n"] == 24 and results[0]["control"]["split"] == "test_blank"
     predictions = [(w / "eval" / "predictions.jsonl").read_text() for w in (one, two)]
     assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 48
+    # each process generated for its half of each split, and only for it
+    for i in range(2):
+        log = (two / ("run.log" if i == 0 else f"run.process_{i}.log")).read_text()
+        assert f"eval test: 24 records, 12 of them on process {i} of 2" in log
+        assert f"eval test_blank: 24 records, 12 of them on process {i} of 2" in log
+    assert "eval test: 24 records, 24 of them on process 0 of 1" in (one / "run.log").read_text()
 
 
 @pytest.mark.slow
