@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,8 +46,12 @@ class Picks:
         if source is not None:
             keep &= self.pairs[:, 0] == source
         if task is not None:
-            keep &= np.asarray(self.tasks, object) == task
+            keep &= self._task_array == task
         return np.flatnonzero(keep)
+
+    @functools.cached_property
+    def _task_array(self) -> np.ndarray:
+        return np.asarray(self.tasks, dtype=str)
 
 
 class Picked:

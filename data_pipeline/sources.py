@@ -165,7 +165,10 @@ class _ValidatingSource:
         return self._index
 
     def _entry(self, i: int) -> IndexEntry:
-        record, source, line, errors = self._fetch(i)
+        return self._entry_of(*self._fetch(i))
+
+    @staticmethod
+    def _entry_of(record: dict | None, source: str, line: int, errors: list[RecordError]) -> IndexEntry:
         if record is None:
             return IndexEntry(None, None, source, line, tuple(errors))
         task, rid = record.get("task"), record.get("id")
@@ -175,15 +178,17 @@ class _ValidatingSource:
     def valid_indices(self) -> list[int]:
         """Indices of the records without problems; with validate="upfront" computed once, up front."""
         if self._valid is None:
-            good, bad = [], {}
+            good, bad, entries = [], {}, []
             for i in range(len(self)):
                 record, source, line, errors = self._fetch(i)
+                entries.append(self._entry_of(record, source, line, errors))  # the index, in the same pass
                 errors = self._check(record, source, line, errors)
                 if errors:
                     bad[i] = errors
                 else:
                     good.append(i)
             self._valid, self._invalid = good, bad
+            self._index = self._index if self._index is not None else entries
         return self._valid
 
     def invalid(self) -> dict[int, list[RecordError]]:
