@@ -56,14 +56,14 @@ def test_readme_steps_1_to_5_on_a_small_mini_emobench(tmp_path):
                 if r["task"] == "emo_c")
 
     script = readme_block()
-    for old, new in [("/data/emobench_ar", f"{tmp_path}/data/emobench_ar"), ("/data/emobench", str(data)),
-                     ("/ckpt/llava-1.5-7b-hf", str(hf)),
-                     ("/ckpt/llava7b_jax", f"{tmp_path}/ckpt/llava7b_jax"),
-                     ("/runs/emollm7b", f"{tmp_path}/runs/emollm7b"), ("face.jpg", str(data / face)),
-                     ("configs/emobench.py:vicuna7b", f"{REPO}/configs/emobench.py:tiny {SHORT}"),
-                     ("vocab_size=32064", f"vocab_size={tok.vocab_size}")]:
-        assert old in script, old
-        script = script.replace(old, new)
+    paths = {"/data/emobench_ar": f"{tmp_path}/data/emobench_ar", "/data/emobench": str(data),
+             "/ckpt/llava-1.5-7b-hf": str(hf), "/ckpt/llava7b_jax": f"{tmp_path}/ckpt/llava7b_jax",
+             "/runs/emollm7b": f"{tmp_path}/runs/emollm7b", "face.jpg": str(data / face),
+             "configs/emobench.py:vicuna7b": f"{REPO}/configs/emobench.py:tiny {SHORT}",
+             "vocab_size=32064": f"vocab_size={tok.vocab_size}"}
+    assert all(old in script for old in paths), [old for old in paths if old not in script]
+    pattern = "|".join(re.escape(old) for old in sorted(paths, key=len, reverse=True))
+    script = re.sub(pattern, lambda m: paths[m.group()], script)  # one pass: no path replaced twice
     script = re.sub(r"^# (\d)\. ", r'echo "=== step \1"\n# \1. ', script, flags=re.M)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
                XLA_FLAGS="--xla_force_host_platform_device_count=1", PATH=f"{Path(sys.executable).parent}:"
