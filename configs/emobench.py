@@ -1,9 +1,12 @@
-"""EmoLLM on EmoBench: `--config configs/emobench.py[:variant]`, variants `tiny` (default), `vicuna7b`, `mid`.
+"""EmoLLM on EmoBench: `--config configs/emobench.py[:variant]`, variants `tiny` (default), `vicuna7b`,
+`qwen05b`, `llama3_8b`, `mid`.
 
 `tiny` is the CPU job: mini-EmoBench is generated into `<workdir>/data` when `data.root` is empty, a
 word-level tokenizer is trained on it, and a tiny ViT + MVP + LLaMA learns it in two stages. `vicuna7b` is the
-paper-scale LLaVA-1.5 recipe (CLIP ViT-L/14-336, Vicuna-7B-v1.5); it needs `--config.data.root` and
-`--config.init.*`.
+paper-scale LLaVA-1.5 recipe (CLIP ViT-L/14-336, Vicuna-7B-v1.5); `qwen05b` is llava-interleave-qwen-0.5b's
+shape (SigLIP-so400m/14-384, 26 layers, + the Qwen2-architecture 0.5B chat model, Qwen1.5-0.5B-Chat), the
+small base researchers fine-tune on one GPU; `llama3_8b` is llava-llama-3-8b's (CLIP ViT-L/14-336 +
+LLaMA-3-8B-Instruct). These need `--config.data.root` and `--config.init.*`.
 `mid` is a benchmark shape (the perf-baseline "big" decoder behind the tiny vision tower).
 Every key is overridable: `--config.stages.emotional.steps=400 --config.mesh.fsdp=8`.
 Each block starts from its section's defaults (`StageConfig.defaults(...)`, defined beside the code that
@@ -23,14 +26,15 @@ from emollm_jax.evaluate import EvalConfig
 from emollm_jax.experiment import InitConfig
 from emollm_jax.lora import LoRAConfig
 from emollm_jax.models.clip import CLIPConfig
-from emollm_jax.models.llama import LlamaConfig
+from emollm_jax.models.llama import Llama3Config, LlamaConfig, Qwen2Config
 from emollm_jax.models.projectors import MVPConfig
+from emollm_jax.models.siglip import SiglipConfig
 from emollm_jax.optim import StageConfig
 from emollm_jax.plan import PlanConfig
 from emollm_jax.sharding import DEFAULT_RULES, MeshConfig
 from emollm_jax.train import TrainConfig
 
-VARIANTS = ("tiny", "vicuna7b", "mid")
+VARIANTS = ("tiny", "vicuna7b", "qwen05b", "llama3_8b", "mid")
 
 # Logical parameter axis -> mesh axis (None = replicated): FSDP shards the model width, tensor parallelism
 # shards heads / MLP / vocab, `data` only replicates weights. The table is emollm_jax.sharding.DEFAULT_RULES;
@@ -100,6 +104,29 @@ def _tiny() -> ml_collections.ConfigDict:
     return c
 
 
+def _clip_l336(c: ml_collections.ConfigDict) -> None:
+    """CLIP ViT-L/14 at 336 px, the tower of LLaVA-1.5 and llava-llama-3 (penultimate layer, patches)."""
+    c.model.vision.update(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                          num_layers=24, num_heads=16, dtype="bfloat16", remat=True)
+
+
+def _pretrained_recipe(c: ml_collections.ConfigDict) -> None:
+    """LLaVA's two-stage recipe at scale: projector alignment (lr 1e-3, batch 256), then projector + LLM
+    (lr 2e-5, batch 128), one epoch each, FSDP over every device, bf16 compute with fp32 master weights."""
+    c.data.max_len = 2048
+    c.data.num_frames = 8
+    c.data.num_workers = 8
+    c.stages.objective = StageConfig.defaults(
+        name="objective", tasks=OBJECTIVE_TASKS, trainable=("projector",), lr=1e-3, epochs=1.0,
+        batch_size=256)
+    c.stages.emotional = StageConfig.defaults(
+        name="emotional", tasks=EMOTION_TASKS, trainable=("projector", "llm"), lr=2e-5, epochs=1.0,
+        batch_size=128)
+    c.mesh.update(data=1, fsdp=-1)
+    c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3, loss_chunk=512)
+    c.plan.device_memory_gb = 80.0
+
+
 def _vicuna7b() -> ml_collections.ConfigDict:
     c = _base()
     c.variant = "vicuna7b"
@@ -132,6 +159,54 @@ def _vicuna7b() -> ml_collections.ConfigDict:
     return c
 
 
+def _qwen05b() -> ml_collections.ConfigDict:
+    c = _base()
+    c.variant = "qwen05b"
+    # llava-interleave-qwen-0.5b: SigLIP-so400m/14-384 without its last layer and head (26 layers), every one
+    # of its 729 tokens of the last layer ("full": SigLIP has no class token to drop).
+    c.model.vision = SiglipConfig.block(
+        image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
+        use_head=False, dtype="bfloat16", remat=True)
+    c.model.vision_feature_layer = -1
+    c.model.vision_feature_select = "full"
+    # no class token: MVP's global perspective pools the patches; its levels step back from the last layer
+    c.model.projector.update(levels=(-1, -5, -9), global_pool="mean")
+    # Qwen1.5-0.5B-Chat (the Qwen2 architecture) as llava-interleave-qwen-0.5b ships it: 152000 embedding
+    # rows with <image> = 151646, tied embeddings, q/k/v biases, rope_theta 1e6.
+    c.model.text = Qwen2Config.block(
+        vocab_size=152000, hidden_size=1024, intermediate_size=2816, num_layers=24, num_heads=16,
+        num_kv_heads=16, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+        tie_word_embeddings=True, dtype="bfloat16", remat=True)
+    c.model.image_token_id = 151646
+    c.model.video_pooling = "mean"  # 8 frames x 729 tokens would not fit 2048 tokens
+    c.data.template = "chatml"  # LLaVA's conv_qwen
+    _pretrained_recipe(c)
+    # `--mode=plan`, stage 2: 8 devices fit the whole batch (~36 GiB each); one 80 GB GPU needs
+    # --config.stages.emotional.grad_accum=8 (~49 GiB).
+    return c
+
+
+def _llama3_8b() -> ml_collections.ConfigDict:
+    c = _base()
+    c.variant = "llama3_8b"
+    _clip_l336(c)  # llava-llama-3-8b: the LLaVA-1.5 tower and feature layer
+    c.model.projector.levels = (-2, -6, -10)
+    # Meta-Llama-3-8B-Instruct: 128256 words (llava-llama-3-8b's checkpoint has 128320 rows: pass
+    # --config.model.text.vocab_size=128320 with it), GQA 32:8, rope_theta 500000, 8k context.
+    c.model.text = Llama3Config.block(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        dtype="bfloat16", remat=True)
+    c.model.image_token_id = -200  # Meta's tokenizer has no <image>: LLaVA's out-of-vocab placeholder
+    c.model.video_pooling = "mean"
+    c.data.template = "llama3"  # LLaVA-NeXT's llava_llama_3
+    _pretrained_recipe(c)
+    # `--mode=plan` on 8 devices (fsdp 8): the whole stage-2 batch needs ~76 GiB per device, two micro-batches
+    # ~52 GiB. Full fine-tuning does not fit one 80 GB GPU (fp32 master weights and Adam alone are 122 GiB).
+    c.stages.emotional.grad_accum = 2
+    return c
+
+
 def _mid() -> ml_collections.ConfigDict:
     c = _base()
     c.variant = "mid"
@@ -149,7 +224,8 @@ def _mid() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`arg` is the variant after the colon in `--config configs/emobench.py:variant`."""
     variant = (arg or "tiny").strip()
-    builders = {"tiny": _tiny, "vicuna7b": _vicuna7b, "mid": _mid}
+    builders = {"tiny": _tiny, "vicuna7b": _vicuna7b, "qwen05b": _qwen05b, "llama3_8b": _llama3_8b,
+                "mid": _mid}
     if variant not in builders:
         raise ConfigError(f"configs/emobench.py: unknown variant {variant!r}; expected one of {VARIANTS}")
     return builders[variant]()

@@ -87,6 +87,8 @@ def preprocess_image(
       (`int(255 * mean)`), centred, then bicubic resize to `size` x `size`.
     mode="crop": CLIP's processor: bicubic resize so the shorter side is `size` (longer side
       `int(size * long / short)`), then a centre crop of `size` x `size`.
+    mode="resize": SigLIP's processor: bicubic resize straight to `size` x `size` (the aspect ratio is not
+      kept).
     Then `(x / 255 - mean) / std`.
     """
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
@@ -110,8 +112,11 @@ def preprocess_image(
             pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
         top, left = (new_h - size) // 2, (new_w - size) // 2
         pil = pil.crop((left, top, left + size, top + size))
+    elif mode == "resize":
+        if pil.size != (size, size):
+            pil = pil.resize((size, size), Image.Resampling.BICUBIC)
     else:
-        raise ValueError(f"unknown preprocessing mode {mode!r}; expected 'pad' or 'crop'")
+        raise ValueError(f"unknown preprocessing mode {mode!r}; expected 'pad', 'crop' or 'resize'")
     # (x / 255 - mean) / std as one scale and one shift, in place: two passes over the pixels instead of four
     std32 = np.asarray(std, np.float32)
     out = np.multiply(np.asarray(pil), np.float32(1.0 / 255.0) / std32, dtype=np.float32)

@@ -64,9 +64,10 @@ class PipelineSpec:
       template: chat template name (`text.TEMPLATES`).
       prompt_prefix: record -> text put before the first question (EmoPrompt); must be picklable.
     Media and visual tokens:
-      image_size, image_mode ("pad" | "crop"), image_mean, image_std: the vision tower's preprocessing
-        (`media.preprocess_image`): resize to `image_size`, then `(x / 255 - image_mean) / image_std` per
-        RGB channel; "pad" fills with the mean colour. Defaults: CLIP's.
+      image_size, image_mode ("pad" | "crop" | "resize"), image_mean, image_std: the vision tower's
+        preprocessing (`media.preprocess_image`): resize to `image_size`, then
+        `(x / 255 - image_mean) / image_std` per RGB channel; "pad" fills with the mean colour.
+        Defaults: CLIP's.
       num_frames: frames sampled per video.
       max_media_frames: K, the frame slots per sample (`pixel_values float32[B, K, S, S, 3]`).
       visual_tokens_per_frame, video_pooling ("concat" | "mean"): a media item of F frames becomes

@@ -222,7 +222,8 @@ class ChatTemplate:
     """A chat format in LLaVA's terms.
 
     `render(system, turns, for_generation)` gives the pieces; turns are (question, answer | None) pairs.
-    `end_of_turn` names the token closing an answer ("</s>" or "<|im_end|>"); it is supervised.
+    `end_of_turn` names the token closing an answer ("</s>", "<|im_end|>", "<|eot_id|>"); it is supervised.
+    `text(...)` joins the pieces into the prompt string (LLaVA's `Conversation.get_prompt`, bos included).
     """
 
     name: str
@@ -233,6 +234,17 @@ class ChatTemplate:
         self, system: str, turns: Sequence[tuple[str, str | None]], for_generation: bool
     ) -> list[Piece]:
         raise NotImplementedError
+
+    def text(self, system: str, turns: Sequence[tuple[str, str | None]], for_generation: bool = False,
+             *, bos: str = BOS) -> str:
+        """The pieces joined into one string, special tokens written as text (`bos`; "" for a tokenizer
+        without one): character for character what the model reads. for_generation drops the last answer."""
+        special = {"bos": bos, "eos": EOS, "eot": self.end_of_turn}
+        turns = list(turns)
+        if for_generation:
+            turns[-1] = (turns[-1][0], None)
+        pieces = self.render(system, turns, for_generation)
+        return "".join(special[p.token] if p.token else p.text for p in pieces)
 
 
 class _Vicuna(ChatTemplate):
@@ -249,23 +261,49 @@ class _Vicuna(ChatTemplate):
         return pieces
 
 
+@dataclasses.dataclass(frozen=True)
 class _Llama2(ChatTemplate):
+    bos_each_turn: bool = True
+
     def render(self, system, turns, for_generation):
-        # LLaVA conv_llava_llama_2 / Llama-2-chat:
+        # LLaVA SeparatorStyle.LLAMA_2: "[INST] {q} [/INST]" per question, " {a} </s>" per answer, the system
+        # text (if any) wrapped in <<SYS>> inside the first question; conv_llava_llama_2 (sep "<s>") opens
+        # every turn with <s>, conv_mistral_instruct (sep "") only the first (the tokenizer's bos):
         # "<s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>"
         pieces = []
         for i, (q, a) in enumerate(turns):
             if i == 0 and system:
                 q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}"
-            pieces += [Piece(token="bos"), Piece(f"[INST] {q} [/INST]")]
+            if i == 0 or self.bos_each_turn:
+                pieces.append(Piece(token="bos"))
+            pieces.append(Piece(f"[INST] {q} [/INST]"))
             if a is None:
                 break
-            pieces += [Piece(f" {a}", supervised=True), Piece(token="eot", supervised=True)]
+            pieces += [Piece(f" {a} ", supervised=True), Piece(token="eot", supervised=True)]
+        return pieces
+
+
+class _Llama3(ChatTemplate):
+    def render(self, system, turns, for_generation):
+        # Meta-Llama-3-Instruct's chat_template, which LLaVA-NeXT's conv_llava_llama_3 applies (contents
+        # trimmed): "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{sys}<|eot_id|>"
+        # "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>"
+        # "<|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>" per turn
+        header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        head = header("system") + system.strip() + self.end_of_turn
+        pieces = [Piece(token="bos")]
+        for q, a in turns:
+            pieces.append(Piece(f"{head}{header('user')}{q.strip()}{self.end_of_turn}{header('assistant')}"))
+            head = ""
+            if a is None:
+                break
+            pieces += [Piece(a.strip(), supervised=True), Piece(token="eot", supervised=True)]
         return pieces
 
 
 class _ChatML(ChatTemplate):
     def render(self, system, turns, for_generation):
+        # LLaVA conv_qwen (SeparatorStyle.CHATML) and Qwen2's own chat_template:
         # "<|im_start|>system\n{sys}<|im_end|>\n"
         # "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n" per turn
         pieces = [Piece(token="bos")]
@@ -287,10 +325,13 @@ LLAMA2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
     "user provides, and assist the user with a variety of tasks using natural language."
 )
+# Named as in this project's configs; LLaVA's own names in the comments.
 TEMPLATES: dict[str, ChatTemplate] = {
-    "vicuna_v1": _Vicuna("vicuna_v1", VICUNA_SYSTEM),
-    "llama2": _Llama2("llama2", LLAMA2_SYSTEM),
-    "chatml": _ChatML("chatml", "You are a helpful assistant.", end_of_turn="<|im_end|>"),
+    "vicuna_v1": _Vicuna("vicuna_v1", VICUNA_SYSTEM),  # vicuna_v1 (LLaVA-1.5)
+    "llama2": _Llama2("llama2", LLAMA2_SYSTEM),  # llava_llama_2
+    "mistral_instruct": _Llama2("mistral_instruct", "", bos_each_turn=False),  # mistral_instruct (LLaVA-1.6)
+    "llama3": _Llama3("llama3", LLAMA2_SYSTEM, end_of_turn="<|eot_id|>"),  # llava_llama_3 (LLaVA-NeXT)
+    "chatml": _ChatML("chatml", "You are a helpful assistant.", end_of_turn="<|im_end|>"),  # qwen
 }
 
 

@@ -106,16 +106,21 @@ def _check_stages(config: ml_collections.ConfigDict, sections: RunSections, mesh
             _fail(f"{key}.trainable", "'lora' is trainable but config.lora.rank is 0")
 
 
+# configs/emobench.py variants that fine-tune pretrained checkpoints (the others start from random weights)
+PRETRAINED_VARIANTS = ("vicuna7b", "qwen05b", "llama3_8b")
+
+
 def _check_required_paths(variant: str, sections: RunSections) -> None:
-    """vicuna7b trains a pretrained 7B model on real data: it needs the data, the tokenizer and weights."""
-    if variant != "vicuna7b":
+    """The pretrained variants train real checkpoints on real data: they need the data, the tokenizer and
+    weights."""
+    if variant not in PRETRAINED_VARIANTS:
         return
     data, init = sections.data, sections.init
     if not data.root:
-        _fail("data.root", "vicuna7b trains on a real EmoBench copy: pass --config.data.root=<dir>")
+        _fail("data.root", f"{variant} trains on a real EmoBench copy: pass --config.data.root=<dir>")
     if not data.tokenizer and not (init.hf or init.llm):
-        _fail("data.tokenizer", "vicuna7b needs the Vicuna tokenizer: pass --config.data.tokenizer or "
+        _fail("data.tokenizer", f"{variant} needs its decoder's tokenizer: pass --config.data.tokenizer or "
               "--config.init.llm")
     if not (init.hf or init.params or (init.llm and init.vision)):
-        _fail("init.llm", "vicuna7b needs weights: --config.init.llm and --config.init.vision (HF dirs), "
+        _fail("init.llm", f"{variant} needs weights: --config.init.llm and --config.init.vision (HF dirs), "
               "or --config.init.hf / --config.init.params")

@@ -45,7 +45,7 @@ def _names(module: nnx.Module) -> set[str]:
 def _instances():
     """A small module of every registered kind, with the names its config declares."""
     for kind, cls in VISION_TOWERS.items():
-        if kind == "clip":
+        if kind in ("clip", "siglip"):  # the shipped towers (this module registers a stand-in too)
             cfg = cls(**TINY_TOWER)
             yield kind, cfg, cfg.build(rngs=nnx.Rngs(0))
     for kind, cls in AUDIO_TOWERS.items():

@@ -1,5 +1,8 @@
-"""Chat templates and answer-only masks, on the tiny word-level tokenizer and on HF-format BPE tokenizers."""
+"""Chat templates and answer-only masks, on the tiny word-level tokenizer and on HF-format BPE tokenizers;
+every template character for character against LLaVA's conversation templates and the models' own
+tokenizer chat templates."""
 
+import itertools
 import json
 import random
 
@@ -15,6 +18,7 @@ CORPUS = [
     text.LLAMA2_SYSTEM,
     "You are a helpful assistant.",
     "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n",
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>",
     "What emotion does the face show? Options: anger, joy, sadness, fear.",
     "Is the caption sarcastic given the picture? Answer yes or no.",
     "The mouth curves up and the eyes are bright, so the answer is joy.",
@@ -35,24 +39,43 @@ def _squash(s: str) -> str:
     return "".join(s.replace("▁", " ").split()).lower()
 
 
-def _reference_prompt(name: str, system: str, turns, eot: str, bos: str) -> str:
-    """The joined prompt strings as LLaVA's `Conversation.get_prompt` writes them (written out by hand)."""
-    if name == "vicuna_v1":
-        out = bos + system + " "
-        for q, a in turns:
-            out += "USER: " + q + " ASSISTANT: " + a + eot
-        return out
-    if name == "llama2":
-        out = ""
-        for i, (q, a) in enumerate(turns):
-            if i == 0:
-                q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}"
-            out += f"{bos}[INST] {q} [/INST] {a} {eot}"
-        return out
-    out = bos + f"<|im_start|>system\n{system}<|im_end|>\n"
-    for q, a in turns:
-        out += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}{eot}\n"
-    return out
+def _llava_prompt(name: str, system: str, turns, *, eot: str, bos: str = "", for_generation=False) -> str:
+    """The prompt LLaVA builds, transcribed from `Conversation.get_prompt` (haotian-liu/LLaVA and LLaVA-NeXT
+    `llava/conversation.py`) for each template's separator style, with `bos` in front (LLaVA's tokenizer adds
+    it) and `eot` closing each answer (the template's end-of-turn, or the tokenizer's eos without one).
+    llama3: LLaVA-NeXT's LLAMA_3 style applies Meta-Llama-3-Instruct's chat template, written out here."""
+    messages = [m for turn in turns for m in turn]
+    if for_generation:
+        messages[-1] = None
+    if name == "vicuna_v1":  # SeparatorStyle.TWO, roles (USER, ASSISTANT), sep " ", sep2 "</s>"
+        seps, ret = [" ", eot], system + " "
+        for i, message in enumerate(messages):
+            role = ("USER", "ASSISTANT")[i % 2]
+            ret += role + ": " + message + seps[i % 2] if message else role + ":"
+        return bos + ret
+    if name in ("llama2", "mistral_instruct"):  # SeparatorStyle.LLAMA_2, sep "<s>" (llama2) | "", sep2 "</s>"
+        sep = bos if name == "llama2" else ""
+        wrap_sys = lambda msg: f"<<SYS>>\n{msg}\n<</SYS>>\n\n" if len(msg) > 0 else msg
+        ret = ""
+        for i, message in enumerate(messages):
+            if message:
+                if i == 0:
+                    message = wrap_sys(system) + message
+                ret += sep + f"[INST] {message} [/INST]" if i % 2 == 0 else " " + message + " " + eot
+        return bos + ret.removeprefix(sep)  # LLaVA: ret.lstrip(sep); the tokenizer then adds bos
+    if name == "chatml":  # SeparatorStyle.CHATML, system "<|im_start|>system\n...", sep "<|im_end|>"
+        ret = "" if system == "" else "<|im_start|>system\n" + system + "<|im_end|>" + "\n"
+        for i, message in enumerate(messages):
+            role = ("<|im_start|>user", "<|im_start|>assistant")[i % 2]
+            ret += role + "\n" + message + (eot if i % 2 else "<|im_end|>") + "\n" if message else role + "\n"
+        return bos + ret
+    assert name == "llama3", name
+    header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+    ret = bos + header("system") + system.strip() + "<|eot_id|>"
+    for role, message in zip(itertools.cycle(["user", "assistant"]), messages, strict=False):
+        if message:
+            ret += header(role) + message.strip() + (eot if role == "assistant" else "<|eot_id|>")
+    return ret + (header("assistant") if for_generation else "")
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +115,45 @@ def qwen_like(tmp_path_factory):
         CORPUS, trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     )
-    return _save_hf(tok, tmp_path_factory.mktemp("qwen"), eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return _save_hf(tok, tmp_path_factory.mktemp("qwen"), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                    chat_template=QWEN2_CHAT_TEMPLATE)
 
 
-TOKENIZERS = ["tiny", "llama_like", "qwen_like"]
+# Meta-Llama-3-8B-Instruct's and Qwen2-Instruct's tokenizer_config.json chat_template, verbatim.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_like(tmp_path_factory):
+    """Byte-level BPE with LLaMA-3's special tokens and chat template; <image> as an added special token."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>", "<image>"]
+    tok.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    return _save_hf(tok, tmp_path_factory.mktemp("llama3"), bos_token="<|begin_of_text|>",
+                    eos_token="<|eot_id|>", chat_template=LLAMA3_CHAT_TEMPLATE)
+
+
+TOKENIZERS = ["tiny", "llama_like", "qwen_like", "llama3_like"]
+TEMPLATE_NAMES = list(text.TEMPLATES)
+BYTE_LEVEL = ["qwen_like", "llama3_like"]  # decode(encode(s)) == s exactly: no whitespace squashing needed
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -105,7 +163,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("tok_name", TOKENIZERS)
-@pytest.mark.parametrize("template", ["vicuna_v1", "llama2", "chatml"])
+@pytest.mark.parametrize("template", TEMPLATE_NAMES)
 def test_mask_lines_up_with_answers(request, tok_name, template):
     tok = request.getfixturevalue(tok_name)
     ids, mask = text.encode_conversation(CONV, template, tok, visual_tokens=VISUAL)
@@ -136,14 +194,16 @@ def test_mask_lines_up_with_answers(request, tok_name, template):
 
     # the whole sequence reads as LLaVA's joined prompt string
     bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
-    ref = _reference_prompt(template, system, list(zip(questions, answers, strict=True)), eot, bos)
+    ref = _llava_prompt(template, system, list(zip(questions, answers, strict=True)), eot=eot, bos=bos)
     for marker, n in zip(["<image>", "<video>"], VISUAL, strict=True):
         ref = ref.replace(marker, tok.decode([tok.image_token_id] * n), 1)
     assert _squash(tok.decode(ids)) == _squash(ref)
+    if tok_name in BYTE_LEVEL:  # they decode to exactly the text they encode: character for character
+        assert tok.decode(ids) == ref
 
 
 @pytest.mark.parametrize("tok_name", TOKENIZERS)
-@pytest.mark.parametrize("template", ["vicuna_v1", "llama2", "chatml"])
+@pytest.mark.parametrize("template", TEMPLATE_NAMES)
 def test_generation_prompt_is_training_prefix(request, tok_name, template):
     tok = request.getfixturevalue(tok_name)
     ids, mask = text.encode_conversation(CONV, template, tok, visual_tokens=VISUAL)
@@ -218,3 +278,54 @@ def test_bad_conversations_name_the_problem(tiny):
         text.encode_conversation(CONV[:1], "vicuna_v1", tiny, visual_tokens=[1])
     with pytest.raises(ValueError, match="unknown chat template"):
         text.get_template("alpaca")
+
+
+# Whitespace left as a record may have it: templates keep it exactly as LLaVA does (llama3 trims, as Meta's).
+MESSY = [("<image>\n  What emotion does the face show?  ", " joy \n"), ("Why?\n", "The mouth curves up.  ")]
+
+
+@pytest.mark.parametrize("for_generation", [False, True], ids=["train", "generate"])
+@pytest.mark.parametrize("template", TEMPLATE_NAMES)
+@pytest.mark.parametrize("system", ["default", "given"])
+def test_template_text_is_llavas_prompt(template, system, for_generation):
+    tmpl = text.get_template(template)
+    system = tmpl.system if system == "default" else "Answer with one word."
+    got = tmpl.text(system, MESSY, for_generation, bos="<s>")
+    assert got == _llava_prompt(template, system, MESSY, eot=tmpl.end_of_turn, bos="<s>",
+                                for_generation=for_generation)
+
+
+@pytest.mark.parametrize("for_generation", [False, True], ids=["train", "generate"])
+@pytest.mark.parametrize("template, tok_name", [("llama3", "llama3_like"), ("chatml", "qwen_like")])
+def test_templates_are_the_tokenizers_own_chat_template(request, template, tok_name, for_generation):
+    """LLaMA-3 and Qwen2 checkpoints ship their chat template in tokenizer_config.json: ours renders the same
+    string, and the ids `encode_conversation` makes decode to exactly that string."""
+    from transformers import AutoTokenizer
+
+    tok = request.getfixturevalue(tok_name)
+    hf = AutoTokenizer.from_pretrained(tok.name, local_files_only=True)
+    tmpl = text.get_template(template)
+    convs = [{"from": "human", "value": q} for q, _ in MESSY]
+    for turn, (_, a) in zip(range(1, 4, 2), MESSY, strict=True):
+        convs.insert(turn, {"from": "gpt", "value": a})
+    messages = [{"role": "system", "content": tmpl.system}] + [
+        {"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]} for m in convs]
+    if for_generation:
+        messages = messages[:-1]
+    want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=for_generation)
+    assert tmpl.text(tmpl.system, MESSY, for_generation, bos=hf.bos_token or "") == want
+    ids, mask = text.encode_conversation(convs, template, tok, visual_tokens=[2],
+                                         for_generation=for_generation)
+    assert tok.decode(ids) == want.replace("<image>", "<image>" * 2)
+    answers = [a.strip() if template == "llama3" else a for _, a in MESSY]  # Meta's template trims
+    supervised = answers[:1] if for_generation else answers
+    assert tok.decode(ids[mask]) == "".join(a + tmpl.end_of_turn for a in supervised)
+
+
+def test_each_decoder_names_its_template():
+    from emollm_jax.models import catalog  # noqa: F401  (registers the shipped decoders)
+    from emollm_jax.models.parts import DECODERS
+
+    want = {"llama": "vicuna_v1", "llama3": "llama3", "mistral": "mistral_instruct", "qwen2": "chatml"}
+    assert {kind: DECODERS.get(kind).chat_template for kind in want} == want
+    assert all(cls.chat_template in text.TEMPLATES for _, cls in DECODERS.items())

@@ -88,9 +88,10 @@ def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfi
     if hf.get("model_type", "llava") != "llava":
         raise CheckpointError(f"config.json model_type={hf.get('model_type')!r}; expected 'llava'")
     layer = hf.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
+    is_index = lambda i: isinstance(i, int) and not isinstance(i, bool)
+    if not (is_index(layer) or isinstance(layer, list | tuple) and layer and all(map(is_index, layer))):
         raise CheckpointError(
-            f"config.json vision_feature_layer={layer!r}: only one layer index is supported"
+            f"config.json vision_feature_layer={layer!r}: expected a layer index or a non-empty list of them"
         )
     strategy = hf.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
@@ -103,13 +104,15 @@ def config_from_llava_hf(hf: Mapping[str, Any], **overrides: Any) -> EmoLLMConfi
         raise CheckpointError("config.json multimodal_projector_bias=false is not supported")
     vision_o, text_o, top = _split_overrides(overrides)
     text = _decoder_hf(hf["text_config"])
+    if hf.get("tie_word_embeddings"):  # transformers ties a Llava's head when either config says so
+        text["tie_word_embeddings"] = True
     kwargs: dict[str, Any] = dict(
         vision=_part(VISION_TOWERS, hf["vision_config"], "vision_config").from_hf(hf["vision_config"],
                                                                                  **vision_o),
         projector=PROJECTORS.get(_HF_PROJECTOR)(),
         text=_part(DECODERS, text, "text_config").from_hf(text, **text_o),
         image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
-        vision_feature_layer=layer,
+        vision_feature_layer=layer if is_index(layer) else tuple(layer),
         vision_feature_select="patch" if strategy == "default" else "full",
     )
     kwargs.update(top)
@@ -138,7 +141,8 @@ def config_to_llava_hf(cfg: EmoLLMConfig, *, image_token_in_vocab: bool = True) 
         text_config=text,
         vision_config=vision,
         image_token_index=cfg.image_token_id,
-        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_layer=(cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int)
+                              else list(cfg.vision_feature_layer)),
         vision_feature_select_strategy="default" if cfg.vision_feature_select == "patch" else "full",
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,

@@ -5,6 +5,6 @@ A new part is a model file whose config class carries `@vision_tower(...)`, `@au
 import of its module before the config is read).
 """
 
-from emollm_jax.models import clip, llama, projectors, whisper  # noqa: F401
+from emollm_jax.models import clip, llama, projectors, siglip, whisper  # noqa: F401
 
-__all__ = ["clip", "llama", "projectors", "whisper"]
+__all__ = ["clip", "llama", "projectors", "siglip", "whisper"]

@@ -48,7 +48,8 @@ class EmoLLMConfig:
     projector: ProjectorConfig
     text: DecoderConfig
     image_token_id: int
-    vision_feature_layer: int = -2  # LLaVA's penultimate layer
+    # LLaVA's penultimate layer; a tuple (HF's list form) concatenates those layers on the feature axis
+    vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select: str = "patch"  # "patch" (drop the first token, HF's "default") | "full"
     video_pooling: str = "concat"  # "concat": frames' tokens concatenated | "mean": averaged over frames
     freeze_vision: bool = True  # stop_gradient on the tower's output
@@ -58,9 +59,19 @@ class EmoLLMConfig:
             raise FieldError("EmoLLMConfig", field, value, why)
 
         depth = self.vision.num_hidden_states  # hidden_states: embeddings + one per layer
-        if not -depth <= self.vision_feature_layer < depth:
+        layer = self.vision_feature_layer
+        layer = tuple(int(i) for i in layer) if isinstance(layer, list | tuple) else int(layer)
+        object.__setattr__(self, "vision_feature_layer", layer)
+        if layer == ():
+            fail("vision_feature_layer", layer, "an empty list of layers")
+        for i in self.feature_layers:
+            if not -depth <= i < depth:
+                fail("vision_feature_layer", self.vision_feature_layer,
+                     f"the {self.vision.kind} tower has {depth} hidden states")
+        if len(self.feature_layers) > 1 and self.projector.feature_levels():
             fail("vision_feature_layer", self.vision_feature_layer,
-                 f"the {self.vision.kind} tower has {depth} hidden states")
+                 f"several layers make one feature of width {self.feature_width}, but the projector's "
+                 f"levels {self.projector.feature_levels()} are single layers of width {self.vision.width}")
         for i in self.projector.feature_levels():
             if not -depth <= i < depth:
                 fail("projector.levels", i, f"the {self.vision.kind} tower has {depth} hidden states")
@@ -83,13 +94,24 @@ class EmoLLMConfig:
                 projector=part_config(PROJECTORS, model.projector, "model.projector"),
                 text=part_config(DECODERS, model.text, "model.text", vocab_size=vocab_size),
                 image_token_id=int(image_token_id),
-                vision_feature_layer=int(model.vision_feature_layer),
+                vision_feature_layer=model.vision_feature_layer,
                 vision_feature_select=model.vision_feature_select,
                 video_pooling=model.video_pooling,
                 freeze_vision=freeze_vision,
             )
         except FieldError as e:
             raise ConfigError(f"config.model.{e.field}={e.value!r}: {e.message}") from None
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The tower hidden states the projector reads, concatenated on the feature axis when several."""
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else layer
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the features the projector reads: the tower's width times the number of layers."""
+        return self.vision.width * len(self.feature_layers)
 
     @property
     def first_patch(self) -> int:
@@ -164,7 +186,7 @@ class EmoLLM(nnx.Module):
         self.config = config
         self.vision = config.vision.build(rngs=rngs)
         self.projector = config.projector.build(
-            config.vision.width,
+            config.feature_width,
             config.text.hidden_size,
             rngs=rngs,
             dtype=jnp.dtype(config.text.dtype),
@@ -174,13 +196,15 @@ class EmoLLM(nnx.Module):
 
     def vision_features(self, pixels: jax.Array) -> VisualFeatures:
         """float[N, H, W, C] -> what the projector asked the tower for: the selected layer's patches
-        float[N, P, Dv], its `feature_levels()` float[L, N, P, Dv], the class token float[N, Dv]."""
+        float[N, P, Dv], its `feature_levels()` float[L, N, P, Dv], the class token float[N, Dv]. With several
+        selected layers (HF Llava's list form) patches and class token are those layers concatenated on the
+        feature axis (Dv x layers)."""
         cfg = self.config
         hidden = self.vision(pixels).hidden_states
         if cfg.freeze_vision:
             hidden = tuple(jax.lax.stop_gradient(h) for h in hidden)
         start = cfg.first_patch
-        selected = hidden[cfg.vision_feature_layer]
+        selected = jnp.concatenate([hidden[i] for i in cfg.feature_layers], axis=-1)
         levels = cfg.projector.feature_levels()
         return VisualFeatures(
             patches=selected[:, start:],

@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (LLaMA, Mistral, Qwen2) in Flax NNX, numerically matching Hugging Face.
+"""LLaMA-family decoder (LLaMA, LLaMA-3, Mistral, Qwen2) in Flax NNX, numerically matching Hugging Face.
 
 RoPE uses HF's rotate-half convention so imported q/k weights need no permutation. Attribute names mirror
 HF (`model.layers[i].self_attn.q_proj`, ...) so the HF key table below reads row by row.
@@ -28,8 +28,8 @@ from emollm_jax.models.parts import DecoderConfig, KeyRow, decoder
 class LlamaConfig(DecoderConfig):
     """LLaMA / Vicuna decoder hyper-parameters (HF `LlamaConfig` names, `num_layers` = num_hidden_layers).
 
-    The other LLaMA-family decoders (`MistralConfig`, `Qwen2Config` below) are the same module with other
-    defaults, HF names and chat template. `from_hf`/`to_hf` translate HF config.json dicts.
+    The other LLaMA-family decoders (`MistralConfig`, `Qwen2Config`, `Llama3Config` below) are the same
+    module with other defaults, HF names and chat template. `from_hf`/`to_hf` translate HF config.json dicts.
     """
 
     vocab_size: int
@@ -193,7 +193,7 @@ class MistralConfig(LlamaConfig):
 
     hf_model_types = ("mistral",)
     hf_architecture = "MistralForCausalLM"
-    chat_template = "llama2"  # [INST] ... [/INST]
+    chat_template = "mistral_instruct"  # LLaVA's mistral_instruct: [INST] ... [/INST]
 
     def _hf_extra(self) -> dict[str, Any]:
         return dict(sliding_window=self.sliding_window)
@@ -229,6 +229,34 @@ class Qwen2Config(LlamaConfig):
         return dict(use_sliding_window=False, sliding_window=None)
 
 
+@decoder("llama3")
+@dataclasses.dataclass(frozen=True)
+class Llama3Config(LlamaConfig):
+    """LLaMA-3 (and 3.1): the LLaMA module with rope_theta 500000, a 128k vocabulary, (3.1) llama3 rope
+    scaling, and its own chat template (`<|start_header_id|>`...`<|eot_id|>`).
+
+    HF calls it `llama` as well; `hf_match` tells it from LLaMA-2 / Vicuna by what only LLaMA-3 configs say.
+    """
+
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    chat_template = "llama3"
+
+    @classmethod
+    def hf_match(cls, hf: Mapping[str, Any]) -> bool:
+        """A `llama` config is LLaMA-3 when any holds: rope_type "llama3" (3.1 and later), a vocabulary of
+        128000 or more, or bos_token_id 128000 (<|begin_of_text|>). LLaMA-2 / Vicuna (32000 words, bos 1,
+        default rope) meet none of them."""
+        if hf.get("model_type") not in cls.hf_model_types:
+            return False
+        rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+        rope_type = rope.get("rope_type", rope.get("type"))
+        return (rope_type == "llama3" or int(hf.get("vocab_size") or 0) >= LLAMA3_MIN_VOCAB
+                or hf.get("bos_token_id") == LLAMA3_BOS_ID)
+
+
+LLAMA3_MIN_VOCAB = 128000  # LLaMA-3's tokenizer: 128000 words + 256 special tokens
+LLAMA3_BOS_ID = 128000  # <|begin_of_text|>
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 L = "model.layers.{i}."
