@@ -163,11 +163,12 @@ def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
     Validation mode (`validate`, default `config.data.validate`), error budget and image limit come from
     `config.data`.
     """
-    frames = int(config.data.num_frames)
+    cfg = DataConfig.from_config(config.data, "data")  # typed, with the section's defaults for absent keys
+    frames = cfg.num_frames
     pre = model_cfg.vision.preprocessing()
     if training:
-        buckets = tuple(config.data.seq_buckets) or (int(config.data.max_len),)
-        mode = dict(seed=int(config.seed), shuffle=True, worker_count=int(config.data.num_workers))
+        buckets = tuple(cfg.seq_buckets) or (cfg.max_len,)
+        mode = dict(seed=int(config.seed), shuffle=True, worker_count=cfg.num_workers)
     else:
         buckets = tuple(seq_buckets or ())
         mode = dict(shuffle=False, num_epochs=1)
@@ -190,9 +191,9 @@ def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
         batch_size=int(batch_size),
         seq_buckets=buckets,
         prompt_prefix=prompt_prefix,
-        validate=validate or str(config.data.validate),
-        max_errors=int(config.data.max_errors),
-        max_image_pixels=int(config.data.max_image_pixels),
+        validate=validate or cfg.validate,
+        max_errors=cfg.max_errors,
+        max_image_pixels=cfg.max_image_pixels,
         **mode,
     )
 
