@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline.paths import IMAGE_SUFFIXES, frame_files, media_paths, resolve_media_path
+from data_pipeline.paths import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    frame_files,
+    media_paths,
+    resolve_media_path,
+)
 
 # OpenAI CLIP normalisation constants (the values in transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,21 +45,28 @@ def _name(src: Any) -> str:
     return "<bytes>" if isinstance(src, bytes | bytearray | memoryview) else str(src)
 
 
-def load_image(src: ImageSource) -> np.ndarray:
+def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decodes an image file or encoded bytes to `uint8[H, W, 3]`.
 
     Palette, grayscale and CMYK images are converted to RGB; transparency is composited onto white (what
-    transformers' `convert_to_rgb` does, so results match the HF processors).
+    transformers' `convert_to_rgb` does, so results match the HF processors). An image of more than
+    `max_pixels` pixels (None: no limit) is a `MediaError` naming it, checked from the header before decoding.
     """
     try:
         fp = io.BytesIO(bytes(src)) if isinstance(src, bytes | bytearray | memoryview) else src
         with Image.open(fp) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise MediaError(f"{_name(src)}: {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                                 "(max_image_pixels)")
             im.load()
             has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
             if has_alpha:
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(white, im.convert("RGBA"))
             rgb = im.convert("RGB")
+    except MediaError:
+        raise
     except FileNotFoundError as e:
         raise MediaError(f"{_name(src)}: file not found") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for corrupt data
@@ -167,35 +180,39 @@ def _decode_video(src: str | os.PathLike | bytes, num_frames: int) -> np.ndarray
     return np.stack([frames[i] for i in sample_frame_indices(len(frames), num_frames)])
 
 
-def _frames_from_sources(sources: Sequence[ImageSource], num_frames: int, name: str) -> np.ndarray:
+def _frames_from_sources(sources: Sequence[ImageSource], num_frames: int, name: str,
+                         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     if len(sources) < num_frames:
         raise MediaError(f"{name}: has {len(sources)} frames, fewer than the {num_frames} asked for")
-    frames = [load_image(sources[i]) for i in sample_frame_indices(len(sources), num_frames)]
+    frames = [load_image(sources[i], max_pixels) for i in sample_frame_indices(len(sources), num_frames)]
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise MediaError(f"{name}: frames differ in size: {sorted(shapes)}")
     return np.stack(frames)
 
 
-def load_video(src: str | os.PathLike | Sequence[ImageSource] | bytes, num_frames: int) -> np.ndarray:
+def load_video(src: str | os.PathLike | Sequence[ImageSource] | bytes, num_frames: int, *,
+               data_root: str | os.PathLike | None = None,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """`uint8[num_frames, H, W, 3]` uniformly sampled (`sample_frame_indices`) from a video.
 
     `src`: a video file (mp4/webm/... via PyAV), encoded container bytes, a directory of frame images, or a
-    list of frame paths / encoded frames. Fewer frames than `num_frames` is an error (as in validation).
+    list of frame paths / encoded frames. Fewer frames than `num_frames` is an error (as in validation). With
+    `data_root`, every frame of a directory must resolve inside it (`paths.frame_files`).
     """
     if isinstance(src, bytes | bytearray):
         return _decode_video(bytes(src), num_frames)
     if isinstance(src, str | os.PathLike):
         path = Path(src)
         if path.is_dir():
-            files = frame_files(path)
+            files = frame_files(path, data_root)
             if not files:
                 raise MediaError(f"{path}: frame directory holds no image files")
-            return _frames_from_sources(files, num_frames, str(path))
+            return _frames_from_sources(files, num_frames, str(path), max_pixels)
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            return _frames_from_sources([path], num_frames, str(path))
+            return _frames_from_sources([path], num_frames, str(path), max_pixels)
         return _decode_video(path, num_frames)
-    return _frames_from_sources(list(src), num_frames, "<frame list>")
+    return _frames_from_sources(list(src), num_frames, "<frame list>", max_pixels)
 
 
 def load_media(
@@ -207,13 +224,15 @@ def load_media(
     mode: str = "pad",
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """All frames of a record's media, each through `preprocess_image(frame, image_size, mode, mean, std)`:
     `float32[F, image_size, image_size, 3]`.
 
     F = number of images (1 per image) or `num_frames` for a video; F = 0 for a text-only record.
     Frame-to-media grouping is `records.media_layout(record, num_frames)`. Embedded bytes take precedence
-    over paths; paths are resolved under `data_root` and may not leave it.
+    over paths; paths, and the frames of a frame directory, are resolved under `data_root` and may not leave
+    it. An image or frame over `max_pixels` pixels is an error.
     """
     def prep(frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
         if len(frames) == 0:
@@ -221,56 +240,73 @@ def load_media(
         return np.stack([preprocess_image(f, image_size, mode, mean, std) for f in frames])
 
     rid = record.get("id", "<no id>")
+    root = data_root if data_root is not None else "."
     try:
         if record.get("image_bytes") is not None:
-            return prep([load_image(record["image_bytes"])])
+            return prep([load_image(record["image_bytes"], max_pixels)])
         if record.get("video_frames_bytes") is not None:
-            return prep(_frames_from_sources(record["video_frames_bytes"], num_frames, "video_frames_bytes"))
+            return prep(_frames_from_sources(record["video_frames_bytes"], num_frames, "video_frames_bytes",
+                                             max_pixels))
         if record.get("video_bytes") is not None:
             return prep(load_video(bytes(record["video_bytes"]), num_frames))
         image, video = record.get("image"), record.get("video")
         if image is not None:
             paths = [image] if isinstance(image, str) else list(image)
-            return prep([load_image(resolve_media_path(p, data_root)) for p in paths])
+            return prep([load_image(resolve_media_path(p, root), max_pixels) for p in paths])
         if video is not None:
             if isinstance(video, str):
-                return prep(load_video(resolve_media_path(video, data_root), num_frames))
-            return prep(load_video([resolve_media_path(p, data_root) for p in video], num_frames))
+                return prep(load_video(resolve_media_path(video, root), num_frames, data_root=root,
+                                       max_pixels=max_pixels))
+            return prep(load_video([resolve_media_path(p, root) for p in video], num_frames,
+                                   max_pixels=max_pixels))
     except (MediaError, ValueError) as e:
         raise MediaError(f"record {rid}: {e}") from e
     return prep([])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# File checks (record validation with `check_media`): cheaper than decoding, same verdict on the file
+# File checks (record validation with `check_media`): the verdict training would reach on the file
 
 
-def image_problem(path: Path) -> str | None:
-    """Why the image file at `path` cannot be used (missing, empty, not decodable), or None if it is fine."""
+def image_problem(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+    """Why the image file at `path` cannot be used (missing, empty, over `max_pixels`, not decodable), or None
+    if it is fine. The image is decoded completely, as training decodes it: a truncated JPEG fails here."""
     if not path.is_file():
         return "file not found"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many exception types for corrupt data
-        return f"unreadable image ({type(e).__name__}: {e})"
+        load_image(path, max_pixels)
+    except MediaError as e:
+        cause = e.__cause__
+        if cause is None:  # over the pixel limit
+            return str(e).removeprefix(f"{path}: ")
+        return f"unreadable image ({type(cause).__name__}: {cause})"
     return None
 
 
-def video_problem(path: Path, num_frames: int | None) -> str | None:
+def video_problem(path: Path, num_frames: int | None, data_root: str | os.PathLike | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
     """Why the video at `path` cannot give `num_frames` frames, or None if it can.
 
     `path` is a video container, a directory of frame images, or one image file (checked as an image).
-    Containers are opened with PyAV and their frames counted (`count_video_frames`).
+    Containers are opened with PyAV and their frames counted (`count_video_frames`); every frame of a
+    directory must resolve inside `data_root` and decode.
     """
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return image_problem(path)
+        return image_problem(path, max_pixels)
     if path.is_dir():
-        total = len(frame_files(path))
+        try:
+            frames = frame_files(path, data_root)
+        except ValueError as e:
+            return str(e)
+        total = len(frames)
         if not total:
             return "frame directory holds no image files"
+        for frame in frames:
+            problem = image_problem(frame, max_pixels)
+            if problem:
+                return f"frame {frame.name}: {problem}"
     elif not path.is_file():
         return "file not found"
     elif path.stat().st_size == 0:
@@ -294,7 +330,8 @@ KIND_FIELD = {"image": "image_bytes", "frames": "video_frames_bytes", "video": "
 
 def read_media_bytes(record: dict[str, Any], data_root: str | os.PathLike) -> tuple[str, list[bytes]]:
     """A record's media as encoded files: ("image", [png]), ("frames", [png, ...]), ("video", [mp4]) or
-    ("", []). Frame directories are listed with `paths.frame_files` (sorted by name)."""
+    ("", []). Frame directories are listed with `paths.frame_files` (sorted by name), every frame resolved
+    inside `data_root`, so no file outside the root is copied into a shard."""
     kind, paths = media_paths(record)
     if kind is None:
         return "", []
@@ -304,7 +341,7 @@ def read_media_bytes(record: dict[str, Any], data_root: str | os.PathLike) -> tu
             raise ValueError(f"record {record.get('id')}: {len(files)} images; an embedded record holds one")
         return "image", [files[0].read_bytes()]
     if len(files) == 1 and files[0].is_dir():
-        files = frame_files(files[0])
+        files = frame_files(files[0], data_root)
     elif len(files) == 1:
         return "video", [files[0].read_bytes()]
     return "frames", [f.read_bytes() for f in files]

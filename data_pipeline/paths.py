@@ -1,7 +1,8 @@
-"""Where a record's media live on disk: its path fields, resolved under a data root that they may not leave.
+"""Where a record's media live on disk and what may be read there: its path fields, resolved under a data root
+that they may not leave (symlinks followed), and the largest image decoded.
 
 A leaf module (standard library only): the record schema (`records`) and the decoders (`media`) both build on
-it, so neither needs the other for paths.
+it, so neither needs the other for paths and limits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+# Largest image (width x height) decoded by default: 16.8 Mpx, e.g. 4096 x 4096, more than five times the side
+# of a 336-768 px model input and above a 12 Mpx phone photo. A larger image is an error naming the file
+# rather than gigabytes of pixels the resize throws away (a 12000 x 12000 PNG is a few hundred KB on disk and
+# 432 MB decoded).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def media_paths(record: Mapping[str, Any]) -> tuple[str | None, list[str]]:
@@ -32,7 +39,8 @@ def _resolved_root(root: str, cwd: str) -> Path:
 
 
 def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Path:
-    """`data_root / path`; ValueError for an absolute path or one that resolves outside the root."""
+    """`data_root / path` with every symlink followed; ValueError for an absolute path or one that resolves
+    outside the root (`data_root` None: the working directory)."""
     if os.path.isabs(path):
         raise ValueError(f"absolute path {path!r} refused; media paths are relative to the data root")
     root = _resolved_root(str(data_root if data_root is not None else "."), os.getcwd())
@@ -42,6 +50,22 @@ def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Path:
     return full
 
 
-def frame_files(directory: str | os.PathLike) -> list[Path]:
-    """Image files in `directory`, sorted by name (frames are named so that this is temporal order)."""
-    return sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def frame_files(directory: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[Path]:
+    """Image files in `directory`, sorted by name (frames are named so that this is temporal order).
+
+    With `data_root`, every frame is returned resolved and must stay inside the root after its symlinks are
+    followed: a frame that links to a file elsewhere is a ValueError naming it, so nothing outside the root is
+    read through a frame directory. Without it the paths are returned as listed.
+    """
+    directory = Path(directory)
+    frames = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if data_root is None:
+        return frames
+    root = _resolved_root(str(data_root), os.getcwd())
+    resolved = []
+    for frame in frames:
+        full = frame.resolve()
+        if not full.is_relative_to(root):
+            raise ValueError(f"frame {frame} resolves to {full}, outside the data root {root}")
+        resolved.append(full)
+    return resolved

@@ -1,10 +1,14 @@
 """The Grain input pipeline: records -> numpy training batches (and left-padded evaluation batches).
 
-Training chain (per source, then mixed):
+Training chain (per mixture part, then mixed):
 
-    source -> [upfront: valid records only] -> shuffle(seed, reshuffled each epoch) -> repeat(num_epochs)
+    sources -> select (task filter, duplicate ids, [upfront: valid records only]; `mixture.select`)
+      -> parts (`mixture.parts`) -> shuffle(seed, reshuffled each epoch) -> repeat(num_epochs)
       -> mix(weights) -> [process_index::process_count] -> map(encode) in Grain workers (mp_prefetch)
       -> skip invalid (error budget) -> batch + pad to a length bucket -> zero-supervision check
+
+Every record keeps its own file and line (an ArrayRecord record the file and line it was converted from), so
+a skipped record is logged, and an exhausted budget reported, in the user's terms.
 
 `encode` decodes the media (`media.load_media`) and tokenizes the conversation (`text.encode_conversation`).
 Skipping and batching run in the calling process, after the workers, so the error budget counts every
@@ -17,6 +21,7 @@ numpy; JAX is imported only to read the default process index/count.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,9 +29,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import media, text
-from data_pipeline.records import ErrorBudget, RecordError, media_layout
-from data_pipeline.sources import open_source
+from data_pipeline import media, mixture, text
+from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
+from data_pipeline.records import TASKS, ErrorBudget, RecordError, media_layout
+from data_pipeline.sources import SourceSpec, open_source
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +42,23 @@ class PipelineSpec:
     """Everything that decides which batches a run sees. Frozen and hashable; workers receive a pickled copy.
 
     Data:
-      sources: record files (`.json`/`.jsonl`), ArrayRecord shard prefixes/globs, or `tfds:NAME/SPLIT`.
-      weights: mixture weights, one per source (None: a single source, or uniform mixing).
-      data_root: media root for path-based records (None: each JSON file's directory; for tfds, the TFDS
-        data_dir). Embedded media (ArrayRecord/TFDS) need none.
+      sources: `sources.SourceSpec`s, or paths (record files `.json`/`.jsonl`, ArrayRecord shard
+        prefixes/globs, a TFDS builder directory, `tfds:NAME/SPLIT`); a SourceSpec adds a default task and a
+        media root.
+      weights: a share of the samples per source (None: the sources' records in their natural proportions).
+      tasks: keep only records of these tasks (None: every task). task_weights: a share of the samples per
+        task of `tasks` (None: natural proportions); see `mixture` for how they combine with `weights`.
+      max_per_task: evaluation subsets: the first ceil(max_per_task / tasks) records of each task (0: all).
+      data_root: media root for path-based records without their own (None: each JSON file's directory; for
+        tfds, the TFDS data_dir). Embedded media (ArrayRecord/TFDS) need none.
       validate: "lazy" (check each record when read, in the workers), "upfront" (check all records first;
         epochs then hold only valid ones) or "none". `check_media` also opens every media file.
-      max_errors: invalid records to skip (counted in the calling process) before raising
-        `ErrorBudgetExceeded`. A record is invalid if it fails validation, its media cannot be decoded, it
-        has more than `max_media_frames` frames, or it is longer than the largest bucket.
+        Unparseable records, records without a known task and duplicate ids are refused up front in every
+        mode but "none".
+      max_errors: invalid records to skip (counted in the calling process, each logged as a warning naming
+        its file and line) before raising `ErrorBudgetExceeded`. A record is invalid if it fails validation,
+        its media cannot be decoded, it has more than `max_media_frames` frames, an image over
+        `max_image_pixels` pixels, or it is longer than the largest bucket.
     Text:
       tokenizer: a `text.Tokenizer`, or the path of a tokenizer directory / tokenizer.json.
       template: chat template name (`text.TEMPLATES`).
@@ -65,9 +81,12 @@ class PipelineSpec:
       worker_buffer_size: elements each worker keeps ready.
     """
 
-    sources: tuple[str, ...]
+    sources: tuple[SourceSpec, ...]
     tokenizer: str | text.Tokenizer
     weights: tuple[float, ...] | None = None
+    tasks: tuple[str, ...] | None = None
+    task_weights: tuple[float, ...] | None = None
+    max_per_task: int = 0
     data_root: str | None = None
     template: str = "vicuna_v1"
     image_size: int = 64
@@ -90,15 +109,30 @@ class PipelineSpec:
     validate: str = "lazy"
     check_media: bool = False
     max_errors: int = 0
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     prompt_prefix: Callable[[dict], str] | None = None
 
     def __post_init__(self):
-        if isinstance(self.sources, str):
-            object.__setattr__(self, "sources", (self.sources,))
+        sources = self.sources
+        if isinstance(sources, str | os.PathLike | SourceSpec):
+            sources = (sources,)
+        sources = tuple(s if isinstance(s, SourceSpec) else SourceSpec(os.fspath(s)) for s in sources)
+        object.__setattr__(self, "sources", sources)
         if not self.sources:
             raise ValueError("PipelineSpec.sources is empty")
         if self.weights is not None and len(self.weights) != len(self.sources):
             raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} sources")
+        if self.tasks is not None:
+            unknown = [t for t in self.tasks if t not in TASKS]
+            if unknown or not self.tasks:
+                raise ValueError(f"tasks={self.tasks}: expected a non-empty subset of {TASKS}")
+        n_tasks = len(self.tasks) if self.tasks is not None else 0
+        if self.task_weights is not None and len(self.task_weights) != n_tasks:
+            raise ValueError(f"task_weights={self.task_weights}: one weight per task of tasks={self.tasks}")
+        for name in ("weights", "task_weights"):
+            values = getattr(self, name)
+            if values is not None and not all(float(w) > 0 for w in values):
+                raise ValueError(f"{name}={values}: weights must be positive")
         if list(self.seq_buckets) != sorted(set(self.seq_buckets)) or not self.seq_buckets:
             raise ValueError(f"seq_buckets must be strictly increasing, got {self.seq_buckets}")
         if self.video_pooling not in ("concat", "mean"):
@@ -138,18 +172,22 @@ class _Encoder:
         if example["errors"]:
             return {"errors": example["errors"], "id": _record_id(record)}
         try:
-            return self._encode(record, source, line)
+            out = self._encode(record, source, line, example.get("root"))
         except (ValueError, OSError) as e:  # media.MediaError is a ValueError
             return {"errors": [RecordError(source, line, "encode", str(e))], "id": _record_id(record)}
+        if "meta" in out:
+            out["meta"]["index"] = example.get("index")
+        return out
 
-    def _encode(self, record: dict, source: str, line: int) -> dict[str, Any]:
+    def _encode(self, record: dict, source: str, line: int, root: str | None) -> dict[str, Any]:
         spec = self.spec
         layout = media_layout(record, spec.num_frames)
         if sum(layout) > spec.max_media_frames:
             raise ValueError(f"{sum(layout)} frames > max_media_frames {spec.max_media_frames}")
-        root = spec.data_root if spec.data_root is not None else os.path.dirname(source)
+        root = root if root is not None else os.path.dirname(source)
         frames = media.load_media(record, root, image_size=spec.image_size, num_frames=spec.num_frames,
-                                  mode=spec.image_mode, mean=spec.image_mean, std=spec.image_std)
+                                  mode=spec.image_mode, mean=spec.image_mean, std=spec.image_std,
+                                  max_pixels=spec.max_image_pixels)
         prefix = spec.prompt_prefix(record) if spec.prompt_prefix is not None else ""
         ids, mask = text.encode_conversation(
             record["conversations"], spec.template, self.tokenizer,
@@ -163,9 +201,12 @@ class _Encoder:
             "frame_media": np.repeat(np.arange(len(layout), dtype=np.int32), layout),
         }
         if self.for_generation:
-            prompt = record["conversations"][-2 if len(record["conversations"]) % 2 == 0 else -1]["value"]
+            convs = record["conversations"]
+            prompt = convs[-2 if len(convs) % 2 == 0 else -1]["value"]
+            answers = [t.get("value", "") for t in convs if t.get("from") in ("gpt", "assistant")]
             out["meta"] = {"id": out["id"], "task": record.get("task"), "label": record.get("label"),
-                           "options": record.get("options"), "prompt": prefix + prompt}
+                           "options": record.get("options"), "prompt": prefix + prompt,
+                           "answer": answers[-1] if answers else ""}
         return out
 
 
@@ -242,28 +283,29 @@ class _TrainBatcher:
 # Chains
 
 
-class _Subset:
-    """Random access to `source` restricted to `indices` (the valid records of an upfront-checked source)."""
 
-    def __init__(self, source: Any, indices: Sequence[int]):
-        self.source, self.indices = source, list(indices)
+def _open(spec: PipelineSpec, source: SourceSpec) -> Any:
+    """A source, validating as `spec` says; its media root is its own, else the spec's, else (JSON files)
+    the file's directory."""
+    root = source.root if source.root is not None else spec.data_root
+    if root is None and source.path.endswith((".json", ".jsonl")):
+        root = os.path.dirname(os.path.abspath(source.path))
+    return open_source(source.path, validate=spec.validate, data_root=root, num_frames=spec.num_frames,
+                       check_media=spec.check_media, data_dir=spec.data_root, default_task=source.task,
+                       max_image_pixels=spec.max_image_pixels, split=source.split)
 
-    def __len__(self) -> int:
-        return len(self.indices)
 
-    def __getitem__(self, i: int):
-        return self.source[self.indices[i]]
+def _report(error: RecordError) -> None:
+    log.warning("skipped invalid record: %s", error)
 
 
-def _open(spec: PipelineSpec, path: str, budget: ErrorBudget) -> Any:
-    """A source; with upfront validation, only its valid records, the invalid ones charged to `budget`."""
-    src = open_source(path, validate=spec.validate, data_root=spec.data_root, num_frames=spec.num_frames,
-                      check_media=spec.check_media, data_dir=spec.data_root)
-    if spec.validate == "upfront":
-        for errors in src.invalid().values():
-            budget.skip(errors)
-        return _Subset(src, src.valid_indices())
-    return src
+def _budget(spec: PipelineSpec, budget: ErrorBudget | None) -> ErrorBudget:
+    return budget if budget is not None else ErrorBudget(spec.max_errors, report=_report)
+
+
+def _select(spec: PipelineSpec, budget: ErrorBudget) -> mixture.Picks:
+    return mixture.select([_open(spec, s) for s in spec.sources], tasks=spec.tasks, validate=spec.validate,
+                          budget=budget, max_per_task=spec.max_per_task)
 
 
 def _default_process() -> tuple[int, int]:
@@ -291,10 +333,19 @@ def _load_tokenizer(spec: PipelineSpec, tokenizer: text.Tokenizer | None) -> tex
 
 
 def num_records(spec: PipelineSpec) -> int:
-    """Records in one pass over all of `spec.sources` (before skipping invalid ones, except with upfront
-    validation), i.e. what one epoch covers across all processes."""
-    budget = ErrorBudget(1 << 62)
-    return sum(len(_open(spec, path, budget)) for path in spec.sources)
+    """Records one epoch of `spec` covers across all processes: those `mixture.select` keeps (the invalid
+    ones only leave out with upfront validation)."""
+    return len(_select(spec, ErrorBudget(1 << 62)))
+
+
+def valid_records(spec: PipelineSpec, budget: ErrorBudget | None = None) -> Iterator[dict[str, Any]]:
+    """The records `spec`'s stream would read that pass the schema checks (media not opened), as `Example`s
+    (record, source, line), in source order, whatever `spec.validate` says: what may be learnt from before
+    training (e.g. a tokenizer's texts). The others go to `budget` (default: an unlimited one)."""
+    spec = dataclasses.replace(spec, validate="upfront", check_media=False)
+    picks = _select(spec, budget if budget is not None else ErrorBudget(1 << 62))
+    for source, index in picks.pairs:
+        yield picks.sources[int(source)][int(index)]
 
 
 def _encoded(ds: grain.MapDataset, spec: PipelineSpec, encoder: _Encoder) -> grain.IterDataset:
@@ -308,6 +359,44 @@ def _encoded(ds: grain.MapDataset, spec: PipelineSpec, encoder: _Encoder) -> gra
     return it
 
 
+def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        process_index, process_count = _default_process()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+class TrainStream:
+    """This process's training batches: a checkpointable iterator whose state also holds the error budget's
+    count, so a resumed run goes on with the count it had (`get_state` is JSON-serialisable).
+
+    `num_records`: the records one epoch covers (all processes); `task_shares`: the expected share of each
+    task among the samples.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, budget: ErrorBudget, num_records: int,
+                 task_shares: dict[str, float]):
+        self._it, self.budget = iterator, budget
+        self.num_records, self.task_shares = num_records, task_shares
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._it.get_state(), "errors": self.budget.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "pipeline" not in state:  # an iterator state saved without the budget's count
+            self._it.set_state(state)
+            return
+        self._it.set_state(state["pipeline"])
+        self.budget.set_state(state["errors"])
+
+
 def make_train_dataset(
     spec: PipelineSpec,
     *,
@@ -317,23 +406,28 @@ def make_train_dataset(
     budget: ErrorBudget | None = None,
 ) -> grain.IterDataset:
     """The training chain as a `grain.IterDataset` of batches (see `make_train_iterator`)."""
+    return _train_chain(spec, tokenizer, process_index, process_count, _budget(spec, budget))[0]
+
+
+def _train_chain(spec: PipelineSpec, tokenizer: text.Tokenizer | None, process_index: int | None,
+                 process_count: int | None, budget: ErrorBudget) -> tuple[grain.IterDataset, mixture.Picks]:
     tokenizer = _load_tokenizer(spec, tokenizer)
-    if process_index is None or process_count is None:
-        process_index, process_count = _default_process()
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    budget = budget if budget is not None else ErrorBudget(spec.max_errors)
-    parts = []
-    for i, path in enumerate(spec.sources):
-        ds = grain.MapDataset.source(_open(spec, path, budget))
+    process_index, process_count = _process_slice(process_index, process_count)
+    picks = _select(spec, budget)
+    parts, weights = mixture.parts(picks, source_weights=spec.weights, tasks=spec.tasks,
+                                   task_weights=spec.task_weights)
+    datasets = []
+    for i, part in enumerate(parts):
+        ds = grain.MapDataset.source(part)
         if spec.shuffle:
             ds = ds.shuffle(seed=spec.seed + 1000 * i)
-        parts.append(ds.repeat(spec.num_epochs))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, spec.weights)
+        datasets.append(ds.repeat(spec.num_epochs))
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     ds = ds[process_index::process_count]
     it = _encoded(ds, spec, _Encoder(spec, tokenizer, for_generation=False))
     it = it.filter(_SkipInvalid(budget))
-    return it.batch(spec.batch_size, drop_remainder=True, batch_fn=_TrainBatcher(spec, tokenizer.pad_id))
+    batches = it.batch(spec.batch_size, drop_remainder=True, batch_fn=_TrainBatcher(spec, tokenizer.pad_id))
+    return batches, picks
 
 
 def make_train_iterator(
@@ -343,7 +437,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     budget: ErrorBudget | None = None,
-) -> grain.DatasetIterator:
+) -> TrainStream:
     """A checkpointable iterator of this process's training batches.
 
     Each batch (T = a bucket of `spec.seq_buckets`, K = `spec.max_media_frames`, S = `spec.image_size`):
@@ -354,12 +448,15 @@ def make_train_iterator(
     Processes get disjoint interleaved slices (`[process_index::process_count]`) of the same shuffled
     stream, by default `jax.process_index()` / `jax.process_count()`. Resume with
     `it.set_state(saved)`, where `saved = it.get_state()` is a JSON-serialisable dict.
-    Raises `ErrorBudgetExceeded` past `spec.max_errors` skipped records and ValueError on a batch without
-    supervised tokens (naming its records).
+    Raises `ErrorBudgetExceeded` past `spec.max_errors` skipped records (up front for what `mixture.select`
+    refuses, else when the record is read) and ValueError on a batch without supervised tokens (naming its
+    records).
     """
-    ds = make_train_dataset(spec, tokenizer=tokenizer, process_index=process_index,
-                            process_count=process_count, budget=budget)
-    return iter(ds)
+    budget = _budget(spec, budget)
+    batches, picks = _train_chain(spec, tokenizer, process_index, process_count, budget)
+    shares = mixture.task_shares(picks, source_weights=spec.weights, tasks=spec.tasks,
+                                 task_weights=spec.task_weights)
+    return TrainStream(iter(batches), budget, len(picks), shares)
 
 
 class _EvalBatcher:
@@ -388,6 +485,42 @@ class _EvalBatcher:
         return batch, [s["meta"] for s in samples]
 
 
+class EvalBatches:
+    """This process's generation batches (see `make_eval_batches`); `num_records` counts the records of all
+    processes, `local_records` this process's, `num_batches` its batches (the last one may be partly
+    padding)."""
+
+    def __init__(self, batches: grain.IterDataset, spec: PipelineSpec, pad_id: int, num_records: int,
+                 local_records: int):
+        self._batches, self._spec, self._pad_id = batches, spec, pad_id
+        self.num_records, self.local_records = num_records, local_records
+        self.num_batches = -(-local_records // spec.batch_size)
+        self._it: Iterator | None = None
+
+    def padding(self, length: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+        """A batch of padding rows only, prompts `length` long (a process out of records still takes part in
+        a multi-process generation round), and its empty metadata."""
+        spec, b = self._spec, self._spec.batch_size
+        k, size = spec.max_media_frames, spec.image_size
+        batch = {"input_ids": np.full((b, length), self._pad_id, np.int32),
+                 "attention_mask": np.zeros((b, length), np.int32),
+                 "pixel_values": np.zeros((b, k, size, size, 3), np.float32),
+                 "frame_media": np.full((b, k), -1, np.int32), "valid": np.zeros(b, bool)}
+        return batch, []
+
+    def __iter__(self) -> EvalBatches:
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], list[dict]]:
+        if self._it is None:
+            self._it = iter(self._batches)
+        return next(self._it)
+
+
+def _with_index(index: int, example: dict[str, Any]) -> dict[str, Any]:
+    return {**example, "index": index}
+
+
 def make_eval_batches(
     spec: PipelineSpec,
     *,
@@ -395,22 +528,25 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     budget: ErrorBudget | None = None,
-) -> Iterator[tuple[dict[str, np.ndarray], list[dict]]]:
+) -> EvalBatches:
     """Generation batches over every valid record, in source order (no shuffle, one pass).
 
     Yields `(batch, metadata)`: batch has input_ids int32[B, T] and attention_mask int32[B, T] (prompts
     left padded, ending right after the last "ASSISTANT:"-style prompt), pixel_values float32[B, K, S, S, 3],
     frame_media int32[B, K] and valid bool[B] (False on the rows padding the last batch); metadata is a list
-    of `{"id", "task", "label", "options", "prompt"}` for the valid rows, in order. With several processes,
-    each evaluates the records `[process_index::process_count]`. Invalid records are skipped against the
-    budget like in training.
+    of `{"id", "task", "label", "options", "prompt", "answer", "index"}` for the valid rows, in order
+    (`answer`: the record's last assistant turn; `index`: the record's position in the whole stream). With
+    several processes, each evaluates the records `[process_index::process_count]`. Invalid records are
+    skipped against the budget like in training.
     """
     tokenizer = _load_tokenizer(spec, tokenizer)
-    budget = budget if budget is not None else ErrorBudget(spec.max_errors)
-    parts = [grain.MapDataset.source(_open(spec, path, budget)) for path in spec.sources]
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    budget = _budget(spec, budget)
+    process_index, process_count = _process_slice(process_index, process_count)
+    picks = _select(spec, budget)
+    ds = grain.MapDataset.source(mixture.Picked(picks)).map_with_index(_with_index)
     ds = ds[process_index::process_count]
     it = _encoded(ds, spec, _Encoder(spec, tokenizer, for_generation=True))
     it = it.filter(_SkipInvalid(budget))
     batcher = _EvalBatcher(spec, tokenizer.pad_id)
-    return iter(it.batch(spec.batch_size, drop_remainder=False, batch_fn=batcher))
+    batches = it.batch(spec.batch_size, drop_remainder=False, batch_fn=batcher)
+    return EvalBatches(batches, spec, tokenizer.pad_id, len(picks), len(ds))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.paths import media_paths, resolve_media_path
+from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS, media_paths, resolve_media_path
 
 TASKS = ("emo_c", "emo_o", "intent", "hate", "humor", "sarcasm", "caption", "vqa")
 EMOTION_TASKS = TASKS[:6]
@@ -37,6 +37,7 @@ REQUIRED_FIELDS = ("id", "task", "conversations")
 OPTIONAL_FIELDS = (
     "image", "video", "label", "options", "rationale", "meta",
     "image_bytes", "video_frames_bytes", "video_bytes",
+    "model",  # LLaVA's instruction files carry it (often empty) on their text-only records; not read
 )
 ALLOWED_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 IMAGE_MARKER = "<image>"
@@ -70,14 +71,18 @@ class ErrorBudgetExceeded(RuntimeError):
 class ErrorBudget:
     """Counts records skipped as invalid; raises with a summary once more than `max_errors` are skipped.
 
-    The count is per process: with several Grain workers each worker holds its own budget.
+    The count belongs to the process that skips (the pipeline skips in its calling process, after the Grain
+    workers); `get_state` / `set_state` carry it through a checkpoint. Every skipped record is reported with
+    `report(error)` (by default nothing; the pipeline logs a warning), so none is dropped quietly.
     """
 
-    def __init__(self, max_errors: int, *, keep: int = 5):
+    def __init__(self, max_errors: int, *, keep: int = 5,
+                 report: Callable[[RecordError], None] | None = None):
         if max_errors < 0:
             raise ValueError(f"max_errors must be >= 0, got {max_errors}")
         self.max_errors = max_errors
         self.keep = keep
+        self.report = report
         self.skipped = 0
         self.by_field: collections.Counter[str] = collections.Counter()
         self.examples: list[RecordError] = []
@@ -89,6 +94,9 @@ class ErrorBudget:
             self.by_field[err.field] += 1
         if len(self.examples) < self.keep:
             self.examples.extend(errors[: self.keep - len(self.examples)])
+        if self.report is not None:
+            for err in errors:
+                self.report(err)
         if self.skipped > self.max_errors:
             raise ErrorBudgetExceeded(self.summary())
 
@@ -99,14 +107,41 @@ class ErrorBudget:
         lines += [f"  {e}" for e in self.examples]
         return "\n".join(lines)
 
+    def get_state(self) -> dict[str, Any]:
+        """The count so far, JSON-serialisable (part of the data iterator's checkpointed state)."""
+        return {"skipped": self.skipped, "by_field": dict(self.by_field)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a saved count (replaces the current one)."""
+        self.skipped = int(state["skipped"])
+        self.by_field = collections.Counter({str(k): int(v) for k, v in state.get("by_field", {}).items()})
+
+
+class FirstSeen:
+    """The first place each record id was seen; a later record with the same id is an error naming both."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[str, int]] = {}
+
+    def check(self, record_id: Any, source: str | os.PathLike, line: int) -> RecordError | None:
+        """None for a new id (or a record without a string id: the schema check reports that)."""
+        if not isinstance(record_id, str):
+            return None
+        first = self._first.setdefault(record_id, (str(source), int(line)))
+        if first == (str(source), int(line)):
+            return None
+        return RecordError(source, line, "id",
+                           f"duplicate id {record_id!r}; first used at {first[0]}:{first[1]}")
+
 
 def iter_records(
     path: str | os.PathLike, *, errors: list[RecordError] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields `(line, record)` from `.jsonl` (an object per line) or `.json` (a list of objects).
 
-    A malformed line raises `RecordError` naming the line; if `errors` is a list, the error is appended there
-    and the line skipped instead, so a validator can report every bad line.
+    A malformed line (bad JSON, or bytes that are not UTF-8) raises `RecordError` naming the line; if `errors`
+    is a list, the error is appended there and the line skipped instead, so a validator can report every bad
+    line and still read the rest of the file.
     """
     path = Path(path)
 
@@ -117,8 +152,13 @@ def iter_records(
         errors.append(err)
 
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, text in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    fail(lineno, "encoding", not_utf8(raw, e))
+                    continue
                 if not text.strip():
                     continue
                 try:
@@ -131,8 +171,14 @@ def iter_records(
                     continue
                 yield lineno, obj
     elif path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line_start = raw.rfind(b"\n", 0, e.start) + 1
+            fail(raw.count(b"\n", 0, e.start) + 1, "encoding",
+                 f"{not_utf8(raw[line_start:], e, line_start)}; a .json list cannot be read past it")
+            return
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -148,6 +194,13 @@ def iter_records(
             yield index, obj
     else:
         raise ValueError(f"{path}: unsupported record file type {path.suffix!r} (expected .json or .jsonl)")
+
+
+def not_utf8(line: bytes, error: UnicodeDecodeError, offset: int = 0) -> str:
+    """A `UnicodeDecodeError` for a person: the bad byte and its column in `line` (the line's bytes, which
+    start `offset` bytes into what was decoded)."""
+    start = error.start - offset
+    return f"not UTF-8: byte 0x{line[start]:02x} at column {start + 1}; re-save the file as UTF-8"
 
 
 def media_layout(record: Mapping[str, Any], num_frames: int) -> list[int]:
@@ -178,11 +231,14 @@ def validate_record(
     length_fn: Callable[[str], int] | None = None,
     max_tokens: int | None = None,
     check_media: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[RecordError]:
     """Returns every problem found in `record` (empty list = valid).
 
     Cheap checks (schema, task, conversation order, markers, options/label, paths escaping `data_root`, text
-    length) always run; `check_media=True` also opens every media file (PIL `verify()`, PyAV frame count).
+    length) always run; `check_media=True` also decodes every image and frame completely (so a truncated JPEG
+    fails here; an image over `max_image_pixels` pixels is refused) and counts the frames of video files
+    (PyAV). A frame directory's frames must resolve inside `data_root` too.
     Text length: `max_text_chars` bounds the characters of all turns joined by newlines; `length_fn` with
     `max_tokens` bounds `length_fn(joined text)` (pass one that applies the chat template and counts the
     visual tokens, if the budget should include them). Past either bound the answer would be truncated.
@@ -222,7 +278,7 @@ def validate_record(
         _check_markers(texts, record, kind, len(paths), err)
         _check_length(texts, max_text_chars, length_fn, max_tokens, err)
     if paths:
-        _check_media_paths(kind, paths, data_root, num_frames, check_media, err)
+        _check_media_paths(kind, paths, data_root, num_frames, check_media, max_image_pixels, err)
     return errs
 
 
@@ -332,7 +388,7 @@ def _check_length(texts, max_chars, length_fn, max_tokens, err) -> None:
                 "truncated")
 
 
-def _check_media_paths(kind, paths, data_root, num_frames, check_media, err) -> None:
+def _check_media_paths(kind, paths, data_root, num_frames, check_media, max_pixels, err) -> None:
     """Paths must stay under the data root and a frame list must hold `num_frames` frames; with
     `check_media`, every file must also decode (`media.image_problem`, `media.video_problem`)."""
     resolved: list[Path] = []
@@ -349,10 +405,11 @@ def _check_media_paths(kind, paths, data_root, num_frames, check_media, err) -> 
         return
     from data_pipeline import media  # here, not at the top: schema-only checks need neither PIL nor numpy
 
+    root = data_root if data_root is not None else "."
     if kind == "video" and len(paths) == 1:
-        problems = [media.video_problem(resolved[0], num_frames)]
+        problems = [media.video_problem(resolved[0], num_frames, root, max_pixels)]
     else:
-        problems = [media.image_problem(full) for full in resolved]
+        problems = [media.image_problem(full, max_pixels) for full in resolved]
     for p, problem in zip(paths, problems, strict=True):
         if problem:
             err(kind, f"{p}: {problem}")

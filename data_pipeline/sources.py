@@ -6,14 +6,18 @@ pipeline can skip bad records against an error budget and name them:
 
     {"record": dict | None, "source": str, "line": int, "errors": list[RecordError]}
 
-`line` is the 1-based line for JSONL, the 1-based record number for a JSON list or an ArrayRecord shard set.
-Validation (`records.validate_record`) is "lazy" (in `__getitem__`, inside Grain workers), "upfront" (all
-records at construction; `valid_indices()` then lists the good ones) or "none".
+`line` is the 1-based line for JSONL, the 1-based record number for a JSON list; records read back from
+ArrayRecord shards name the file and line they were converted from. A source may carry a default task, which
+fills the `task` of records that have none (LLaVA's own instruction files carry no task). Validation
+(`records.validate_record`) is "lazy" (in `__getitem__`, inside Grain workers), "upfront" (all records at
+construction; `valid_indices()` then lists the good ones) or "none". `index()` lists every record's task, id
+and place without validating it, which is what a pipeline needs to filter by task and refuse duplicate ids.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import glob
 import io
 import json
@@ -22,12 +26,38 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
-from data_pipeline.records import RecordError, iter_records, validate_record
+from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
+from data_pipeline.records import RecordError, iter_records, not_utf8, validate_record
 
 Example = dict[str, Any]
 BYTES_FIELDS = ("image_bytes", "video_bytes")
 BYTES_LIST_FIELDS = ("video_frames_bytes",)
 VALIDATION_MODES = ("lazy", "upfront", "none")
+INDEX_SUFFIX = ".index.json"  # beside each ArrayRecord shard: the task, id and origin of its records
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One record source of a pipeline: `path` as `open_source` takes it; `task` fills the task of records
+    that have none; `root` is its media root (None: the pipeline's `data_root`); `split` picks the split of a
+    TFDS builder directory."""
+
+    path: str
+    task: str | None = None
+    root: str | None = None
+    split: str | None = None  # a TFDS builder directory's split (None: "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexEntry:
+    """What a pipeline needs to know of a record before reading it: its task and id (None when the record
+    could not be parsed; `errors` then says why) and where it came from."""
+
+    task: str | None
+    id: str | None
+    source: str
+    line: int
+    errors: tuple[RecordError, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,6 +105,8 @@ class _ValidatingSource:
         data_root: str | os.PathLike | None = None,
         num_frames: int | None = None,
         check_media: bool = False,
+        default_task: str | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         if validate not in VALIDATION_MODES:
             raise ValueError(f"validate must be one of {VALIDATION_MODES}, got {validate!r}")
@@ -82,8 +114,11 @@ class _ValidatingSource:
         self.data_root = None if data_root is None else os.fspath(data_root)
         self.num_frames = num_frames
         self.check_media = check_media
+        self.default_task = default_task
+        self.max_image_pixels = max_image_pixels
         self._valid: list[int] | None = None
         self._invalid: dict[int, list[RecordError]] = {}
+        self._index: list[IndexEntry] | None = None
 
     def _read(self, index: int) -> tuple[dict | None, str, int, list[RecordError]]:
         raise NotImplementedError
@@ -91,34 +126,69 @@ class _ValidatingSource:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def _fetch(self, index: int) -> tuple[dict | None, str, int, list[RecordError]]:
+        """`_read`, with the source's default task filled in where the record names none."""
+        record, source, line, errors = self._read(index)
+        if self.default_task and isinstance(record, dict) and "task" not in record:
+            record = {**record, "task": self.default_task}
+        return record, source, line, errors
+
     def _check(self, record: dict | None, source: str, line: int, errors: list[RecordError]) -> list:
         if record is None or errors or self.validate == "none":
             return errors
         return validate_record(
             record, source=source, line=line, data_root=self.data_root, num_frames=self.num_frames,
-            check_media=self.check_media,
+            check_media=self.check_media, max_image_pixels=self.max_image_pixels,
         )
 
     def __getitem__(self, index: int) -> Example:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
-        record, source, line, errors = self._read(int(index))
+        record, source, line, errors = self._fetch(int(index))
         if self.validate == "lazy":
             errors = self._check(record, source, line, errors)
         return {"record": record, "source": source, "line": line, "errors": errors}
 
+    def problems(self, index: int) -> list[RecordError]:
+        """Record `index`'s parse errors or schema problems (media not opened), whatever the mode."""
+        record, source, line, errors = self._fetch(index)
+        if record is None or errors:
+            return errors
+        return validate_record(record, source=source, line=line, data_root=self.data_root,
+                               num_frames=self.num_frames, check_media=False,
+                               max_image_pixels=self.max_image_pixels)
+
+    def index(self) -> list[IndexEntry]:
+        """Task, id and place of every record, in order (computed once)."""
+        if self._index is None:
+            self._index = [self._entry(i) for i in range(len(self))]
+        return self._index
+
+    def _entry(self, i: int) -> IndexEntry:
+        return self._entry_of(*self._fetch(i))
+
+    @staticmethod
+    def _entry_of(record: dict | None, source: str, line: int, errors: list[RecordError]) -> IndexEntry:
+        if record is None:
+            return IndexEntry(None, None, source, line, tuple(errors))
+        task, rid = record.get("task"), record.get("id")
+        return IndexEntry(task if isinstance(task, str) else None, rid if isinstance(rid, str) else None,
+                          source, line)
+
     def valid_indices(self) -> list[int]:
         """Indices of the records without problems; with validate="upfront" computed once, up front."""
         if self._valid is None:
-            good, bad = [], {}
+            good, bad, entries = [], {}, []
             for i in range(len(self)):
-                record, source, line, errors = self._read(i)
+                record, source, line, errors = self._fetch(i)
+                entries.append(self._entry_of(record, source, line, errors))  # the index, in the same pass
                 errors = self._check(record, source, line, errors)
                 if errors:
                     bad[i] = errors
                 else:
                     good.append(i)
             self._valid, self._invalid = good, bad
+            self._index = self._index if self._index is not None else entries
         return self._valid
 
     def invalid(self) -> dict[int, list[RecordError]]:
@@ -207,10 +277,12 @@ class JsonRecordSource(_ValidatingSource):
         line = self._lines[index]
         if self._records is not None:
             return self._records[index], self.path, line, []
-        text = os.pread(self._fileno(), self._sizes[index], self._offsets[index])
+        raw = os.pread(self._fileno(), self._sizes[index], self._offsets[index])
         try:
-            obj = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return None, self.path, line, [RecordError(self.path, line, "encoding", not_utf8(raw, e))]
+        except json.JSONDecodeError as e:
             return None, self.path, line, [RecordError(self.path, line, "json", f"malformed JSON: {e}")]
         if not isinstance(obj, dict):
             err = RecordError(self.path, line, "json", f"expected a JSON object, got {type(obj).__name__}")
@@ -253,7 +325,11 @@ def shard_paths(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
 
 class ArrayRecordSource(_ValidatingSource):
-    """Records from ArrayRecord shards written by `convert_arrayrecord` (JSON payloads, media embedded)."""
+    """Records from ArrayRecord shards written by `convert_arrayrecord` (JSON payloads, media embedded).
+
+    `index()` reads each shard's `<shard>.index.json` (written by `convert_arrayrecord`) when every shard has
+    one of the right length, so filtering by task does not decode the media of every record.
+    """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], **kwargs: Any):
         import grain
@@ -267,6 +343,31 @@ class ArrayRecordSource(_ValidatingSource):
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def index(self) -> list[IndexEntry]:
+        if self._index is None:
+            self._index = self._stored_index()
+        return super().index()
+
+    def _stored_index(self) -> list[IndexEntry] | None:
+        """The shards' index files, or None when one is missing or does not match its shard."""
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        entries: list[IndexEntry] = []
+        for shard in self.paths:
+            try:
+                with open(shard + INDEX_SUFFIX, encoding="utf-8") as f:
+                    rows = json.load(f)["records"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            if len(rows) != len(ArrayRecordDataSource([shard])):
+                return None
+            for k, (task, rid, origin) in enumerate(rows):
+                source, _, line = str(origin).rpartition(":")
+                if not (source and line.isdigit()):
+                    source, line = shard, str(k + 1)
+                entries.append(IndexEntry(task or self.default_task, rid, source, int(line)))
+        return entries
 
     def _read(self, index):
         line = index + 1
@@ -282,17 +383,26 @@ class ArrayRecordSource(_ValidatingSource):
 
 
 class TfdsSource(_ValidatingSource):
-    """Records from a prepared `tfds_emobench` dataset, read with `tfds.data_source` (no TensorFlow)."""
+    """Records from a prepared `tfds_emobench` dataset, read with `tfds.data_source` (no TensorFlow): by name
+    under `data_dir`, or from the builder's prepared directory `builder_dir` (`DATA_DIR/emo_bench/1.0.0`)."""
 
-    def __init__(self, name: str, *, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
+    def __init__(self, name: str, *, split: str, data_dir: str | os.PathLike | None = None,
+                 builder_dir: str | os.PathLike | None = None, **kwargs: Any):
         import tensorflow_datasets as tfds
 
         from data_pipeline import tfds_emobench  # registers the builder
 
         super().__init__(**kwargs)
         self.name = f"tfds:{name}/{split}"
-        data_dir = None if data_dir is None else os.fspath(data_dir)
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        if builder_dir is not None:
+            builder = tfds.builder_from_directory(os.fspath(builder_dir))
+            if split not in builder.info.splits:
+                raise ValueError(f"{builder_dir}: TFDS dataset has no split {split!r} "
+                                 f"(has {sorted(builder.info.splits)})")
+            self._source = builder.as_data_source(split=split)
+        else:
+            data_dir = None if data_dir is None else os.fspath(data_dir)
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
         self._to_record = tfds_emobench.example_to_record
         if self.validate == "upfront":
             self.valid_indices()
@@ -305,15 +415,22 @@ class TfdsSource(_ValidatingSource):
 
 
 def open_source(spec: str | os.PathLike, **kwargs: Any) -> _ValidatingSource:
-    """A source from a path: `.json`/`.jsonl` file, ArrayRecord shard/glob/prefix, or `tfds:NAME/SPLIT`.
-
-    For tfds, pass `data_dir=` (the TFDS data directory) in kwargs.
+    """A source from a path: `.json`/`.jsonl` file, ArrayRecord shard/glob/prefix, a TFDS builder's prepared
+    directory (`DATA_DIR/emo_bench/1.0.0`, holding `dataset_info.json`; split from `split=`) or
+    `tfds:NAME/SPLIT`. For `tfds:`, pass `data_dir=` (the TFDS data directory) in kwargs.
     """
     spec = os.fspath(spec)
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition("/")
+        kwargs.pop("split", None)
         return TfdsSource(name, split=split or "train", **kwargs)
+    split = kwargs.pop("split", None) or "train"
+    if os.path.isfile(os.path.join(spec, "dataset_info.json")):
+        kwargs.pop("data_dir", None)
+        return TfdsSource(spec, split=split, builder_dir=spec, **kwargs)
     kwargs.pop("data_dir", None)
     if spec.endswith((".json", ".jsonl")):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"{spec}: no such record file")
         return JsonRecordSource(spec, **kwargs)
     return ArrayRecordSource(spec, **kwargs)

@@ -129,6 +129,29 @@ def load_tokenizer(
     return Tokenizer(backend, name=path, special=special, image_token_id=int(image_id))
 
 
+def _tiny_splitters() -> tuple[Any, Any]:
+    """(normalizer, pre-tokenizer) of the tiny word-level tokenizer: lowercase; whitespace and punctuation."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    return normalizers.Lowercase(), pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                             pre_tokenizers.Punctuation()])
+
+
+def _tiny_words(text: str, normalizer: Any, pre_tokenizer: Any) -> list[str]:
+    words = []
+    for piece in _MARKER_RE.split(text):  # markers are special tokens, never vocabulary words
+        if piece in MEDIA_MARKERS or not piece:
+            continue
+        words += [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(piece))]
+    return words
+
+
+def tiny_token_count(text: str) -> int:
+    """Tokens the tiny tokenizer makes of `text` whatever its vocabulary (an unknown word is one `<unk>`),
+    media markers excluded: what a record's text costs before the tokenizer exists."""
+    return len(_tiny_words(text, *_tiny_splitters()))
+
+
 def train_tiny_tokenizer(
     texts: Iterable[str], path: str | os.PathLike, *, min_frequency: int = 1
 ) -> Tokenizer:
@@ -138,18 +161,12 @@ def train_tiny_tokenizer(
     by descending count, ties alphabetical, so the same texts always give the same file.
     """
     import tokenizers
-    from tokenizers import normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
 
-    normalizer = normalizers.Lowercase()
-    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    normalizer, pre_tokenizer = _tiny_splitters()
     counts: collections.Counter[str] = collections.Counter()
     for text in texts:
-        for piece in _MARKER_RE.split(text):  # markers are special tokens, never vocabulary words
-            if piece in MEDIA_MARKERS or not piece:
-                continue
-            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(piece))
-            counts.update(w for w, _ in words)
+        counts.update(_tiny_words(text, normalizer, pre_tokenizer))
     for tok in TINY_SPECIAL_TOKENS:
         counts.pop(tok, None)
     words = sorted((w for w, c in counts.items() if c >= min_frequency), key=lambda w: (-counts[w], w))

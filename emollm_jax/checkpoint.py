@@ -2,7 +2,8 @@
 
 A training checkpoint is one step directory with five items: `params` (pure dict of arrays, keyed like
 `nnx.to_pure_dict`), `opt_state` (the optax state pytree), `meta` (JSON: step, stage, config snapshot, rng),
-`data` (JSON: the input iterator state, so a resumed run sees exactly the batches it would have seen) and
+`data` (JSON: every process's input iterator state, error-budget count included, so each process of a
+resumed run sees exactly the batches it would have seen) and
 `integrity` (JSON: checksums of every array and of meta and data, `emollm_jax.integrity`). Orbax writes a step
 into a temporary directory and renames it when complete, so an interrupted save is never listed, and old steps
 are only deleted once a newer one is complete. What is read back is verified against the checksums.
@@ -221,8 +222,9 @@ class Checkpointer:
         if not force and not self._mngr.should_save(step):
             return False
         pure = _pure(params)
+        data = None if data_state is None else per_process_data(data_state)  # a collective
         checks = {"format": integrity.FORMAT, "meta": integrity.json_digest(meta),
-                  "data": None if data_state is None else integrity.json_digest(dict(data_state))}
+                  "data": None if data is None else integrity.json_digest(data)}
         for name, tree in (("params", pure), ("opt_state", opt_state)):
             checks[name], bad = integrity.record(tree)
             if bad:
@@ -234,8 +236,8 @@ class Checkpointer:
             "meta": ocp.args.JsonSave(meta),
             "integrity": ocp.args.JsonSave(checks),
         }
-        if data_state is not None:
-            items["data"] = ocp.args.JsonSave(dict(data_state))
+        if data is not None:
+            items["data"] = ocp.args.JsonSave(data)
         saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         if saved:
             log.info("checkpoint step %d -> %s", step, self.directory)
@@ -306,7 +308,8 @@ class Checkpointer:
             raise error or CheckpointDamaged(d, "cannot be read on another process", step)
         self._verify(step, out)
         data = out.get("data")
-        return out["params"], out["opt_state"], dict(out["meta"]), dict(data) if data is not None else None
+        data = own_data(dict(data), str(d)) if data is not None else None
+        return out["params"], out["opt_state"], dict(out["meta"]), data
 
     def _verify(self, step: int, out: Mapping[str, Any]) -> None:
         """Compares what was read with the step's checksum record (absent in steps saved before records were
@@ -362,6 +365,26 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def per_process_data(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The `data` item: every process's iterator state, gathered from all processes (a collective: every
+    process saves the same step)."""
+    from emollm_jax.sharding import gather_json
+
+    return {"process_count": jax.process_count(), "processes": gather_json(dict(state))}
+
+
+def own_data(item: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """This process's iterator state from a `data` item. A checkpoint written by another number of processes
+    holds no state for this split of the data: the stage's data then starts over (logged as a warning)."""
+    if "processes" not in item:  # a single state, as checkpoints once held
+        return item
+    if int(item["process_count"]) != jax.process_count():
+        log.warning("%s: data-iterator state saved by %d processes, this run has %d: the stage's data "
+                    "starts from its beginning", where, item["process_count"], jax.process_count())
+        return None
+    return item["processes"][jax.process_index()]
 
 
 def save_params(path: str | Path, params: Any, *, overwrite: bool = False) -> None:

@@ -1,15 +1,16 @@
 """`config.data` and the one place that turns it and the model into a `PipelineSpec`.
 
 Training, evaluation and prediction all build their pipelines with `pipeline_spec`, so they agree on the
-template, the tower's preprocessing (size, pad/crop/resize, mean, std), the visual-token count per media item
-and the frames per video; only what differs by mode (sources, batch, buckets, shuffling) is passed in.
+template, the tower's preprocessing (size, pad/crop/resize, mean, std), the visual-token count per media item,
+the frames per video, the validation mode and the error budget; only what differs by mode (sources, tasks,
+batch, buckets, shuffling) is passed in. `split_sources` reads `config.data.sources.<split>`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,19 +19,37 @@ from typing import Any
 import ml_collections
 
 from data_pipeline import pipeline
+from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
+from data_pipeline.records import TASKS
+from data_pipeline.sources import VALIDATION_MODES, SourceSpec
 from data_pipeline.text import TEMPLATES
 from emollm_jax.configuration import Section
 from emollm_jax.models.emollm import EmoLLMConfig, visual_tokens_per_media
 from emollm_jax.models.parts import DECODERS
 
+log = logging.getLogger(__name__)
+
+SOURCE_KEYS = ("path", "weight", "task", "root", "split")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
-    """`config.data`. Empty `root` / `tokenizer`: mini-EmoBench is generated into the workdir and the tiny
-    word-level tokenizer is trained on it. Empty `template`: the decoder's own chat template."""
+    """`config.data`. Empty `root` / `tokenizer`: mini-EmoBench is generated into the workdir (unless
+    `sources` names the training records) and the tiny word-level tokenizer is trained on the training
+    records. Empty `template`: the decoder's own chat template.
+
+    `sources.<split>`: the split's record sources, each a path (`.jsonl`, `.json` list, an ArrayRecord shard
+    glob or prefix, a TFDS builder directory) or a dict with `path` and optional `weight` (a share of the
+    samples), `task` (fills records without one), `root` (its media root) and `split` (of a TFDS directory;
+    default: the split's name). Empty: `<root>/<split>.jsonl`.
+    """
 
     root: str = ""                 # EmoBench root with train/test record files
     tokenizer: str = ""            # HF tokenizer dir or tokenizer.json
+    sources: dict[str, tuple] = dataclasses.field(default_factory=lambda: {"train": (), "test": ()})
+    validate: str = "upfront"      # upfront | lazy | none: when records are checked (data_pipeline.pipeline)
+    max_errors: int = 0            # invalid records a stream may skip (each logged) before the run stops
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are an error naming the file
     template: str = ""             # a data_pipeline.text.TEMPLATES name
     max_len: int = 256             # longest training sequence (visual tokens included)
     seq_buckets: tuple[int, ...] = ()  # padded lengths, one compile each; empty: (max_len,)
@@ -57,6 +76,71 @@ class DataConfig(Section):
                 self.fail(field, "must be >= 0")
         if not self.train_split or not self.eval_split:
             self.fail("train_split" if not self.train_split else "eval_split", "must name a split")
+        if self.validate not in VALIDATION_MODES:
+            self.fail("validate", f"expected one of {VALIDATION_MODES}")
+        if self.max_errors < 0:
+            self.fail("max_errors", "must be >= 0")
+        if self.max_image_pixels <= 0:
+            self.fail("max_image_pixels", "must be positive")
+        for split, entries in self.sources.items():
+            problem = _sources_problem(entries)
+            if problem:
+                self.fail("sources", f"split {split!r}: {problem}")
+
+
+def _sources_problem(entries: Any) -> str | None:
+    """Why a `sources.<split>` value is not a tuple of sources (None: it is)."""
+    if not isinstance(entries, tuple | list):
+        return "expected a tuple of sources (paths or dicts with 'path')"
+    weighted = []
+    for entry in entries:
+        if isinstance(entry, str):
+            if not entry:
+                return "empty path"
+            weighted.append(False)
+            continue
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            return f"{entry!r}: expected a path or a dict with 'path'"
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            return f"{entry!r}: unknown keys {unknown}; a source has {SOURCE_KEYS}"
+        weight = entry.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)
+                                   or weight <= 0):
+            return f"{entry!r}: weight must be a positive number"
+        if entry.get("task") is not None and entry["task"] not in TASKS:
+            return f"{entry!r}: unknown task; expected one of {TASKS}"
+        weighted.append(weight is not None)
+    if any(weighted) and not all(weighted):
+        return "give every source a weight, or none (natural proportions)"
+    return None
+
+
+def split_sources(config: ml_collections.ConfigDict, split: str,
+                  root: str) -> tuple[tuple[SourceSpec, ...], tuple[float, ...] | None]:
+    """(sources, weights or None) of `split`: `config.data.sources.<split>`, else `<root>/<split>.jsonl`."""
+    entries = tuple(config.data.sources.get(split, ()) or ())
+    if not entries:
+        path = Path(root) / f"{split}.jsonl"
+        if not root or not path.is_file():
+            raise FileNotFoundError(f"{path}: no {split!r} record file (config.data.root={root!r}); or name "
+                                    f"the split's records with config.data.sources.{split}")
+        return (SourceSpec(str(path)),), None
+    specs, weights = [], []
+    for entry in entries:
+        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
+        path = entry["path"]
+        if entry.get("split") is None and os.path.isfile(os.path.join(path, "dataset_info.json")):
+            entry["split"] = split
+        specs.append(SourceSpec(path, task=entry.get("task"), root=entry.get("root"),
+                                split=entry.get("split")))
+        weights.append(entry.get("weight"))
+    return tuple(specs), tuple(float(w) for w in weights) if weights[0] is not None else None
+
+
+def has_sources(config: ml_collections.ConfigDict, split: str) -> bool:
+    """Whether `config.data.sources.<split>` names the split's records (else `<root>/<split>.jsonl`)."""
+    return bool(config.data.sources.get(split, ()))
 
 
 def template_name(config: ml_collections.ConfigDict) -> str:
@@ -64,30 +148,38 @@ def template_name(config: ml_collections.ConfigDict) -> str:
     return config.data.template or DECODERS.get(config.model.text.kind).chat_template
 
 
-def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *, sources: Sequence[str],
-                  tokenizer: str, data_root: str, batch_size: int, training: bool,
-                  seq_buckets: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
+                  sources: Sequence[str | SourceSpec], tokenizer: str, data_root: str | None, batch_size: int,
+                  training: bool, seq_buckets: Sequence[int] | None = None,
+                  weights: Sequence[float] | None = None, tasks: Sequence[str] | None = None,
+                  task_weights: Sequence[float] | None = None, max_per_task: int = 0,
                   prompt_prefix: Callable[[Mapping], str] | None = None,
-                  validate: str = "lazy") -> pipeline.PipelineSpec:
+                  validate: str | None = None) -> pipeline.PipelineSpec:
     """The `PipelineSpec` of one data stream.
 
     training=True: shuffled with the run's seed, repeated, `config.data.num_workers` worker processes,
     buckets `config.data.seq_buckets` (or `(max_len,)`). training=False: one pass in source order, buckets
     `seq_buckets` (evaluation derives them from the decoder's context). `batch_size` is per process.
+    Validation mode (`validate`, default `config.data.validate`), error budget and image limit come from
+    `config.data`.
     """
-    frames = int(config.data.num_frames)
+    cfg = DataConfig.from_config(config.data, "data")  # typed, with the section's defaults for absent keys
+    frames = cfg.num_frames
     pre = model_cfg.vision.preprocessing()
     if training:
-        buckets = tuple(config.data.seq_buckets) or (int(config.data.max_len),)
-        mode = dict(seed=int(config.seed), shuffle=True, worker_count=int(config.data.num_workers))
+        buckets = tuple(cfg.seq_buckets) or (cfg.max_len,)
+        mode = dict(seed=int(config.seed), shuffle=True, worker_count=cfg.num_workers)
     else:
         buckets = tuple(seq_buckets or ())
         mode = dict(shuffle=False, num_epochs=1)
     return pipeline.PipelineSpec(
         sources=tuple(sources),
         weights=tuple(weights) if weights is not None else None,
+        tasks=tuple(tasks) if tasks is not None else None,
+        task_weights=tuple(task_weights) if task_weights else None,
+        max_per_task=int(max_per_task),
         tokenizer=tokenizer,
-        data_root=data_root,
+        data_root=data_root or None,
         template=template_name(config),
         image_size=pre.image_size,
         image_mode=pre.mode,
@@ -99,7 +191,9 @@ def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
         batch_size=int(batch_size),
         seq_buckets=buckets,
         prompt_prefix=prompt_prefix,
-        validate=validate,
+        validate=validate or cfg.validate,
+        max_errors=cfg.max_errors,
+        max_image_pixels=cfg.max_image_pixels,
         **mode,
     )
 
@@ -110,36 +204,24 @@ def eval_buckets(model_cfg: EmoLLMConfig, max_new_tokens: int) -> tuple[int, ...
     return tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096, 8192) if b <= context) or (context,)
 
 
-def stage_records(root: str, split: str, tasks: Sequence[str], out: Path) -> tuple[Path, int]:
-    """Writes the records of `tasks` from `<root>/<split>.jsonl` to `out` (a stage's mixture, in file order);
-    returns (path, record count). Rewritten atomically, so concurrent processes agree."""
-    from data_pipeline.records import iter_records
-
-    src = Path(root) / f"{split}.jsonl"
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no {split!r} record file (config.data.root={root!r})")
-    lines = [json.dumps(rec) for _, rec in iter_records(src) if rec.get("task") in tasks]
-    if not lines:
-        raise ValueError(f"{src}: no record of tasks {list(tasks)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    return out, len(lines)
-
-
 def stage_stream(config: ml_collections.ConfigDict, stage: Any, setup: Any, tokenizer: Any,
                  model_cfg: EmoLLMConfig, local_batch: int, process_index: int, process_count: int, *,
-                 workdir: str) -> tuple[Any, int]:
-    """One training stage's batches: this process's shard of the stage's task mixture, repeated, as a
-    resumable Grain iterator; and the number of records in the mixture (for `epochs`)."""
+                 workdir: str) -> tuple[pipeline.TrainStream, int]:
+    """One training stage's batches: this process's shard of the stage's mixture (the records of
+    `stage.tasks` in the training split's sources, weighted by `stage.task_weights` when set), repeated, as a
+    resumable iterator whose state holds the error budget's count; and the number of records in the mixture
+    (for `epochs`). Logs one line naming the sources and each task's share of the samples."""
     from emollm_jax import emoprompt
 
-    path, n = stage_records(setup.root, config.data.train_split, tuple(stage.tasks),
-                            Path(workdir) / "mixtures" / f"{stage.name}_{config.data.train_split}.jsonl")
-    spec = pipeline_spec(config, model_cfg, sources=(str(path),), tokenizer=setup.tokenizer_path,
+    split = config.data.train_split
+    sources, weights = split_sources(config, split, setup.root)
+    spec = pipeline_spec(config, model_cfg, sources=sources, weights=weights, tasks=tuple(stage.tasks),
+                         task_weights=tuple(stage.get("task_weights", ())), tokenizer=setup.tokenizer_path,
                          data_root=setup.root, batch_size=local_batch, training=True,
                          prompt_prefix=emoprompt.from_config(config, setup.root, workdir))
     it = pipeline.make_train_iterator(spec, tokenizer=tokenizer, process_index=process_index,
                                       process_count=process_count)
-    return it, n
+    shares = ", ".join(f"{task} {100 * share:.1f}%" for task, share in it.task_shares.items())
+    log.info("stage %s: %d records from %s; samples: %s", stage.name, it.num_records,
+             ", ".join(s.path for s in sources), shares)
+    return it, it.num_records

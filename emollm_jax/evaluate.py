@@ -11,8 +11,8 @@ Outputs under `<workdir>/eval/`: results.json, report.md, predictions.jsonl, con
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from data_pipeline.records import OBJECTIVE_TASKS
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
 from emollm_jax.configuration import Section
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +224,56 @@ def decode_answer(ids: Sequence[int], tokenizer: Any, stop_ids: Iterable[int]) -
     return tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
+_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "frame_media")
+
+
+def model_mesh(model: Any) -> Any:
+    """The mesh `model`'s parameters are laid out on when it spans several devices (then prompts go in as
+    global batches split over its batch axes), else None (prompts go in as host arrays)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    sh = getattr(leaves[0], "sharding", None) if leaves else None
+    return sh.mesh if isinstance(sh, NamedSharding) and sh.mesh.size > 1 else None
+
+
+def _aligned(batches: Iterable, mesh: Any, pad_id: int) -> Iterable[tuple[dict, Sequence[Mapping]]]:
+    """Each process's batches as global batches on `mesh`: every process takes part in every round (a
+    process out of batches sends padding rows), and all pad their prompts on the left to the round's
+    longest bucket. Yields (global batch, this process's metadata rows)."""
+    from emollm_jax import sharding
+
+    it = iter(batches)
+    while True:
+        item = next(it, None)
+        everyone = np.asarray(sharding.gather_json([item is not None, item[0]["input_ids"].shape[1]
+                                                    if item is not None else 0]))
+        if not everyone[:, 0].any():
+            return
+        length = int(everyone[:, 1].max())
+        batch, rows = item if item is not None else batches.padding(length)
+        pad = length - batch["input_ids"].shape[1]
+        host = {k: np.asarray(batch[k]) for k in _MODEL_INPUTS}
+        if pad:
+            host["input_ids"] = np.pad(host["input_ids"], ((0, 0), (pad, 0)), constant_values=pad_id)
+            host["attention_mask"] = np.pad(host["attention_mask"], ((0, 0), (pad, 0)))
+        yield sharding.global_batch(host, mesh), rows
+
+
+def _host_tokens(tokens: Any, mesh: Any) -> np.ndarray:
+    """This process's rows of generated tokens (a global array when the model spans several devices)."""
+    if mesh is None:
+        return np.asarray(tokens)
+    from jax.experimental import multihost_utils
+
+    from emollm_jax import sharding
+
+    every_row = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+    return every_row[sharding.local_rows(every_row.shape[0], mesh)]
+
+
 def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray], Sequence[Mapping]]],
                      tokenizer: Any, *, max_new_tokens: int, stop_ids: Sequence[int],
                      total: int | None = None, desc: str = "eval",
@@ -230,24 +282,38 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
     """Greedy answers for every prompt of `batches` ((left-padded batch, metadata rows) pairs).
 
     A batch may hold padding rows beyond its metadata (fixed shapes avoid recompiles); they are ignored.
-    `generate_fn` defaults to `emollm_jax.generate.generate`; it returns the new tokens `int32[B, N]`.
+    `generate_fn` defaults to `emollm_jax.generate.generate`; it returns the new tokens `int32[B, N]`. When
+    the model spans several devices (`model_mesh`), `batches` (a `pipeline.EvalBatches`) holds this
+    process's prompts, each round's global batch gathers every process's, and this process's answers come
+    back: every process must call this.
     """
     from tqdm.auto import tqdm
 
     if generate_fn is None:
         from emollm_jax.generate import generate as generate_fn
+    mesh = model_mesh(model)
+    rounds = batches if mesh is None else _aligned(batches, mesh, tokenizer.pad_id)
     metas: list[Mapping] = []
     answers: list[str] = []
-    for batch, rows in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+    for batch, rows in tqdm(rounds, total=total, desc=desc, unit="batch", disable=not progress):
         out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
                           max_new_tokens=max_new_tokens, eos_id=tuple(int(t) for t in stop_ids),
                           pad_id=tokenizer.pad_id)
-        tokens = np.asarray(out)
-        for row, meta in zip(tokens, rows, strict=False):
+        for row, meta in zip(_host_tokens(out, mesh), rows, strict=False):
             metas.append(meta)
             answers.append(decode_answer(row, tokenizer, stop_ids))
     return metas, answers
+
+
+def gather_answers(metas: Sequence[Mapping], answers: Sequence[str]) -> tuple[list[Mapping], list[str]]:
+    """Every process's (metadata, answer) pairs, in stream order (each meta's `index`), on every process."""
+    from emollm_jax import sharding
+
+    pairs = [pair for part in sharding.gather_json([list(metas), list(answers)])
+             for pair in zip(*part, strict=True)]
+    pairs.sort(key=lambda pair: pair[0]["index"])
+    return [m for m, _ in pairs], [a for _, a in pairs]
 
 
 # ------------------------------------------------------------------------------------------- composition
@@ -255,18 +321,25 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
 
 def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
                init_from: str | None = None) -> tuple[Any, str]:
-    """The model to evaluate and where its weights came from: `init_from` (HF dir or params checkpoint) if
-    given, else the latest checkpoint under `<workdir>/checkpoints`."""
+    """The model to evaluate, laid out on the configured mesh (`config.mesh`, `config.sharding_rules`), and
+    where its weights came from: `init_from` (HF dir or params checkpoint) if given, else the latest
+    checkpoint under `<workdir>/checkpoints`, restored straight onto the mesh."""
+    import jax
     from flax import nnx
 
-    from emollm_jax import experiment
+    from emollm_jax import experiment, sharding
+    from emollm_jax.train import abstract_model
 
     model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
                                         image_token_id=tokenizer.image_token_id)
-    model = experiment.new_model(model_cfg, int(config.seed))
+    graphdef, abstract, rest = abstract_model(model_cfg, int(config.seed))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    shardings = sharding.logical_shardings(abstract, mesh, config.sharding_rules)
     if init_from:
+        model = experiment.new_model(model_cfg, int(config.seed))
         experiment.load_initial_weights(config, model, init_from)
-        return model, str(init_from)
+        params = jax.device_put(nnx.state(model, nnx.Param), shardings)
+        return nnx.merge(graphdef, params, rest), str(init_from)
     from emollm_jax.checkpoint import Checkpointer, restore_latest_params
 
     ckpt_dir = Path(workdir) / "checkpoints"
@@ -277,68 +350,48 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     if step is None:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate; train first (--mode=train) or pass "
                                 "--init_from=<HF dir or params checkpoint>")
-    step, params = restore_latest_params(ckpt_dir, nnx.state(model, nnx.Param), None)  # newest that verifies
-    nnx.update(model, params)
-    return model, f"{ckpt_dir} step {step}"
+    step, params = restore_latest_params(ckpt_dir, abstract, shardings)  # the newest step that verifies
+    return nnx.merge(graphdef, params, rest), f"{ckpt_dir} step {step}"
 
 
-def _subset_per_task(records_path: Path, max_examples: int, out_path: Path) -> Path:
-    """Writes the first ceil(max_examples / tasks) records of every task to `out_path` (a quick eval that
-    still covers every task), keeping file order."""
-    from data_pipeline.records import iter_records
-
-    records = [r for _, r in iter_records(records_path)]
-    tasks = {r.get("task") for r in records}
-    per_task = -(-max_examples // max(1, len(tasks)))
-    seen: dict[Any, int] = {}
-    kept = []
-    for r in records:
-        seen[r.get("task")] = seen.get(r.get("task"), 0) + 1
-        if seen[r.get("task")] <= per_task:
-            kept.append(r)
-    eval_report.write_jsonl(out_path, kept)
-    return out_path
-
-
-def record_batches(config: Any, records_path: str | os.PathLike, data_root: str | os.PathLike, tokenizer: Any,
-                   model: Any, *, prompt_prefix: Callable[[Mapping], str] | None = None,
-                   max_examples: int = 0, tmp_dir: str | os.PathLike | None = None,
-                   validate: str = "lazy") -> tuple[Iterable, int]:
-    """(batches, number of batches) of left-padded prompts for the records of a file.
-
-    `max_examples` > 0 evaluates a per-task subset (written under `tmp_dir`). Sequence buckets are powers of
-    two up to the decoder's context minus the answer budget; a longer prompt is an error naming the record.
-    """
+def eval_batch_size(config: Any, model: Any, process_count: int = 1) -> int:
+    """Prompts per process per generation batch: `config.eval.batch_size` over all processes, rounded up so
+    the global batch splits evenly over the processes and the model's batch axes."""
     import math
 
+    from emollm_jax import sharding
+
+    mesh = model_mesh(model)
+    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(config.sharding_rules)) if mesh else 1
+    step = math.lcm(shards, process_count)
+    return -(-int(config.eval.batch_size) // step) * step // process_count
+
+
+def record_batches(config: Any, records: Any, data_root: str | os.PathLike | None, tokenizer: Any,
+                   model: Any, *, prompt_prefix: Callable[[Mapping], str] | None = None,
+                   max_examples: int = 0, validate: str | None = None, process_index: int = 0,
+                   process_count: int = 1) -> tuple[Any, int]:
+    """(batches, number of batches of this process) of left-padded prompts for `records`: a record file, or
+    `data_pipeline.sources.SourceSpec`s (`data.split_sources`). This process reads the records
+    `[process_index::process_count]`.
+
+    `max_examples` > 0 evaluates the first records of each task, ceil(max_examples / tasks) of each (a quick
+    eval that still covers every task). Sequence buckets are powers of two up to the decoder's context minus
+    the answer budget; a longer prompt is an error naming the record.
+    """
     from data_pipeline import pipeline
-    from data_pipeline.records import iter_records
     from emollm_jax import data
 
-    records_path = Path(records_path)
-    if max_examples > 0:
-        if tmp_dir is None:
-            raise ValueError("record_batches: max_examples > 0 needs a tmp_dir for the subset file")
-        records_path = _subset_per_task(records_path, max_examples, Path(tmp_dir) / records_path.name)
+    sources = (str(records),) if isinstance(records, str | os.PathLike) else tuple(records)
     spec = data.pipeline_spec(
-        config, model.config, sources=(str(records_path),), tokenizer=str(getattr(tokenizer, "name", "")),
-        data_root=str(data_root), batch_size=int(config.eval.batch_size), training=False,
+        config, model.config, sources=sources, tokenizer=str(getattr(tokenizer, "name", "")),
+        data_root=str(data_root) if data_root else None,
+        batch_size=eval_batch_size(config, model, process_count), training=False,
         seq_buckets=data.eval_buckets(model.config, int(config.eval.max_new_tokens)),
-        prompt_prefix=prompt_prefix, validate=validate)
-    n = sum(1 for _ in iter_records(records_path))
-    return pipeline.make_eval_batches(spec, tokenizer=tokenizer), math.ceil(n / spec.batch_size)
-
-
-def gold_answers(records_path: str | os.PathLike) -> dict[str, str]:
-    """id -> the last assistant turn of each record: the gold answer of tasks without a `label` (caption,
-    vqa)."""
-    from data_pipeline.records import iter_records
-
-    out = {}
-    for _, r in iter_records(records_path):
-        gpt = [t.get("value", "") for t in r.get("conversations", []) if t.get("from") == "gpt"]
-        out[str(r.get("id"))] = gpt[-1] if gpt else ""
-    return out
+        max_per_task=int(max_examples), prompt_prefix=prompt_prefix, validate=validate)
+    batches = pipeline.make_eval_batches(spec, tokenizer=tokenizer, process_index=process_index,
+                                         process_count=process_count)
+    return batches, batches.num_batches
 
 
 def stop_ids(config: Any, tokenizer: Any) -> list[int]:
@@ -356,45 +409,56 @@ def answer_parser(config: Any) -> AnswerParser:
     return AnswerParser(load_synonyms(path)) if path else AnswerParser()
 
 
+def eval_splits(config: Any, root: str) -> tuple[list[str], str]:
+    """(splits to evaluate, the control split's name): `config.data.eval_split`, and its blank-image control
+    (`config.eval.control_split`, default `<eval_split>_blank`) when its records exist."""
+    from emollm_jax.data import has_sources
+
+    main_split = config.data.eval_split
+    control = config.eval.get("control_split", "") or f"{main_split}_blank"
+    present = has_sources(config, control) or bool(root) and (Path(root) / f"{control}.jsonl").is_file()
+    return [main_split] + ([control] if present and control != main_split else []), control
+
+
 def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
              splits: Sequence[str] | None = None, init_from: str | None = None,
              out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluates on `splits` (default: `config.data.eval_split` and its blank-image control when present) and
-    writes `<workdir>/eval/{results.json, report.md, predictions.jsonl, confusion_<task>.png}`.
+    """Evaluates on `splits` (default: `eval_splits`) and writes `<workdir>/eval/{results.json, report.md,
+    predictions.jsonl, confusion_<task>.png}`. A split's records come from `config.data.sources.<split>`
+    (else `<root>/<split>.jsonl`) through the same pipeline spec as training's.
 
+    With several processes each generates answers for its share of the records
+    (`[process_index::process_count]`) and the answers are gathered: the results are those of one process.
     `model`/`tokenizer` skip loading (e.g. right after training). Returns the results.json content.
     """
     import jax
 
-    from emollm_jax import emoprompt, experiment
+    from emollm_jax import data, emoprompt, experiment
 
     setup = experiment.prepare_data(config, workdir)
     tokenizer = tokenizer or experiment.load_tokenizer(setup)
     checkpoint = "in-memory model"
     if model is None:
         model, checkpoint = load_model(config, workdir, tokenizer, init_from)
-    main_split = config.data.eval_split
-    control = config.eval.get("control_split", "") or f"{main_split}_blank"
-    if splits is None:
-        splits = [main_split] + ([control] if (Path(setup.root) / f"{control}.jsonl").exists() else [])
+    default_splits, control = eval_splits(config, setup.root)
+    splits = list(splits) if splits is not None else default_splits
     prefix = emoprompt.from_config(config, setup.root, workdir)
     parser = answer_parser(config)
     stops = stop_ids(config, tokenizer)
     per_split: dict[str, dict[str, Any]] = {}
     predictions: list[Prediction] = []
     for split in splits:
-        path = Path(setup.root) / f"{split}.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no record file for eval split {split!r}")
-        with tempfile.TemporaryDirectory() as tmp:
-            batches, total = record_batches(config, path, setup.root, tokenizer, model, prompt_prefix=prefix,
-                                            max_examples=int(config.eval.max_examples), tmp_dir=tmp)
-            metas, answers = generate_answers(
-                model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens), stop_ids=stops,
-                total=total, desc=f"eval {split}", progress=progress and jax.process_index() == 0)
-        golds = gold_answers(path)
-        metas = [m if m.get("label") is not None else {**m, "label": golds.get(str(m["id"]), "")}
-                 for m in metas]
+        sources, _ = data.split_sources(config, split, setup.root)
+        batches, total = record_batches(config, sources, setup.root, tokenizer, model, prompt_prefix=prefix,
+                                        max_examples=int(config.eval.max_examples),
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+        log.info("eval %s: %d records, %d of them on process %d of %d", split, batches.num_records,
+                 batches.local_records, jax.process_index(), jax.process_count())
+        metas, answers = generate_answers(
+            model, batches, tokenizer, max_new_tokens=int(config.eval.max_new_tokens), stop_ids=stops,
+            total=total, desc=f"eval {split}", progress=progress and jax.process_index() == 0)
+        metas, answers = gather_answers(metas, answers)
+        metas = [m if m.get("label") is not None else {**m, "label": m.get("answer", "")} for m in metas]
         preds = parse_predictions(metas, answers, split=split, parser=parser)
         per_split[split] = score(preds)
         predictions += preds

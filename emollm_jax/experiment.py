@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +62,42 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     return EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, freeze_vision=freeze_vision)
 
 
-def _record_texts(root: str, split: str, template: str = "vicuna_v1") -> list[str]:
-    """All conversation text of the `split` record files under `root`, for the tiny tokenizer, plus what every
-    prompt adds around it: the chat template's system text and role words, and rendered EmoPrompt exemplars
-    ("Example:" / "Reasoning:" / "Answer:"). Without these they would all read as `<unk>`."""
-    from data_pipeline.records import iter_records
-    from data_pipeline.text import get_template
+def _record_texts(root: str, split: str, template: str = "vicuna_v1", *, sources: Sequence[Any] = (),
+                  max_tokens: int | None = None) -> list[str]:
+    """The text of the records the tiny tokenizer may learn from, plus what every prompt adds around it: the
+    chat template's system text and role words, and rendered EmoPrompt exemplars ("Example:" / "Reasoning:"
+    / "Answer:"). Without these they would all read as `<unk>`.
+
+    Records: those of `sources` (`data_pipeline.sources.SourceSpec`s; empty: `<root>/<split>.jsonl`) that
+    pass the schema checks, with duplicate ids and, when `max_tokens` is given, records whose text alone is
+    longer than that left out: training would reject them, so nothing is learnt from them first.
+    """
+    from data_pipeline import pipeline
+    from data_pipeline.records import ErrorBudget
+    from data_pipeline.sources import SourceSpec
+    from data_pipeline.text import get_template, tiny_token_count
     from emollm_jax import emoprompt
 
-    files = sorted(Path(root).glob(f"{split}*.json")) + sorted(Path(root).glob(f"{split}*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"{root}: no {split}*.json / {split}*.jsonl records to train a tokenizer on")
-    texts, records = [], []
-    for file in files:
-        for _, rec in iter_records(file):
-            records.append(rec)
-            texts.extend(turn["value"] for turn in rec["conversations"])
-            texts.extend(rec.get("options") or [])
-            if rec.get("rationale"):
-                texts.append(rec["rationale"])
+    sources = tuple(sources) or (SourceSpec(str(Path(root) / f"{split}.jsonl")),)
+    spec = pipeline.PipelineSpec(sources=sources, tokenizer="", data_root=root or None)
+    rejected = ErrorBudget(1 << 62)
+    texts, records, too_long = [], [], []
+    for example in pipeline.valid_records(spec, rejected):
+        rec = example["record"]
+        turns = [turn["value"] for turn in rec["conversations"]]
+        if max_tokens is not None and tiny_token_count("\n".join(turns)) > max_tokens:
+            too_long.append(f"{example['source']}:{example['line']}")
+            continue
+        records.append(rec)
+        texts.extend(turns)
+        texts.extend(rec.get("options") or [])
+        if rec.get("rationale"):
+            texts.append(rec["rationale"])
+    if rejected.skipped or too_long:
+        log.warning("tokenizer: learnt from %d records; left out %d invalid (%s) and %d longer than %s "
+                    "tokens (%s); training reports them", len(records), rejected.skipped,
+                    "; ".join(map(str, rejected.examples[:3])) or "-", len(too_long), max_tokens,
+                    ", ".join(too_long[:3]) or "-")
     texts.extend(emoprompt.render(items) for items in emoprompt.build_from_records(records, 1).values())
     tmpl = get_template(template)
     texts.extend(p.text for p in tmpl.render(tmpl.system, [("question", "answer")], False) if p.text)
@@ -115,16 +133,21 @@ def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataSetup:
-    """Data root and tokenizer path; generates mini-EmoBench and trains the tiny tokenizer when the config
-    leaves them empty. Only process 0 writes; the others wait at a barrier, then read the same files.
-    The configured paths it reads are checked first, by key (`check_paths`)."""
+    """Data root and tokenizer path; generates mini-EmoBench when the config names no data (neither
+    `data.root` nor `data.sources` of the training split) and trains the tiny tokenizer on the valid training
+    records when it names no tokenizer. Only process 0 writes; the others wait at a barrier, then read the
+    same files. The configured paths it reads are checked first, by key (`check_paths`)."""
+    from emollm_jax.data import has_sources, split_sources, template_name
+
     workdir = Path(workdir)
-    root = config.data.root or str(workdir / "data")
+    train_split = config.data.train_split
+    named = bool(config.data.root) or has_sources(config, train_split)
+    root = config.data.root or ("" if named else str(workdir / "data"))
     tokenizer_keys = (("data.tokenizer", config.data.tokenizer), ("init.llm", config.init.llm),
                       ("init.hf", config.init.hf))
     tok_key = next((key for key, value in tokenizer_keys if value), None)
     tok_path = config.data.tokenizer or config.init.llm or config.init.hf or str(workdir / "tokenizer")
-    must_generate = not config.data.root and not (workdir / "data" / "card.json").exists()
+    must_generate = not named and not (workdir / "data" / "card.json").exists()
     must_tokenize = not (config.data.tokenizer or config.init.llm or config.init.hf) and not (
         Path(tok_path) / "tokenizer.json").exists()
     check_paths(config, keys=(tok_key,) + (("data.root",) if must_tokenize else ()))  # what is read here
@@ -144,9 +167,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
             from data_pipeline.text import train_tiny_tokenizer
 
             log.info("training the tiny word-level tokenizer into %s", tok_path)
-            from emollm_jax.data import template_name
-
-            texts = _record_texts(root, config.data.train_split, template_name(config))
+            sources, _ = split_sources(config, train_split, root)
+            texts = _record_texts(root, train_split, template_name(config), sources=sources,
+                                  max_tokens=int(config.data.max_len))
             train_tiny_tokenizer(texts, tok_path)
     if jax.process_count() > 1:  # always: the others' view of must_* may already see process 0's files
         from jax.experimental import multihost_utils

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from emollm_jax import flops
+from emollm_jax.logs import FILE_ONLY
 from emollm_jax.metrics import MetricsLogger, StageProgress
 from emollm_jax.models.emollm import EmoLLMConfig
 
@@ -304,7 +305,8 @@ class TrainLogging(Hook):
         self._reset_window()
 
     def on_compile(self, stage: StageInfo, shape: tuple[int, ...], seconds: float) -> None:
-        log.info("stage %s: train step for batch %s compiled in %.1f s", stage.name, shape, seconds)
+        log.info("stage %s: train step for batch %s compiled in %.1f s", stage.name, shape, seconds,
+                 extra=FILE_ONLY)
         self._window_start = time.perf_counter()
 
     def on_step(self, stage: StageInfo, step: StepEvent) -> None:

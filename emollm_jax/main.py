@@ -6,7 +6,10 @@ key; the config is made by `configuration.load_config`, as the ablation driver, 
 make it. A config error (unknown key, bad value, missing input path) or a bad predict request is one line on
 stderr and exit status 2; a workdir another run holds, or a damaged checkpoint with no good one before it,
 one line and exit status 1 (the traceback too with `--verbosity=1`). Training stopped by SIGTERM (preemption)
-saves a checkpoint and exits with status 75; the same command resumes. Multi-host: pass
+saves a checkpoint and exits with status 75; the same command resumes. The console shows progress bars, this
+project's own lines and every warning and error; third-party INFO logs (orbax, absl, grain, jax) go to
+`<workdir>/run.log` with everything else, and `--verbosity=1` brings them back to the console
+(`emollm_jax.logs`). Multi-host: pass
 `--coordinator_address/--num_processes/--process_id` (or rely on the cluster environment).
 """
 
@@ -22,7 +25,7 @@ from typing import NamedTuple
 import ml_collections
 from absl import app, flags
 
-from emollm_jax import configuration
+from emollm_jax import configuration, logs
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "emobench.py")
 
@@ -106,8 +109,7 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
     from emollm_jax import run_config
 
     run_config.parse_sections(config)  # field errors before JAX starts
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logs.configure(FLAGS.verbosity)
     if FLAGS.mode == "plan":
         _use_fake_devices(int(FLAGS.plan_devices or config.plan.num_devices))
 
@@ -117,8 +119,7 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     run_config.validate_config(config, jax.device_count())
-    if jax.process_index() != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    logs.configure(FLAGS.verbosity, jax.process_index())
     workdir = os.path.abspath(FLAGS.workdir)
     log.info("variant %s, mode %s, workdir %s, %d devices (%d processes)", config.variant, FLAGS.mode,
              workdir, jax.device_count(), jax.process_count())
@@ -133,6 +134,7 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
     from emollm_jax.workdir import lock_run
 
     lock = lock_run(workdir, FLAGS.mode, jax.process_index(), jax.process_count())
+    logs.add_file(workdir, jax.process_index())  # after the lock: a refused run writes nothing here
     try:
         _run_modes(config, workdir)
     finally:

@@ -32,6 +32,9 @@ class StageConfig(Section):
 
     name: str
     tasks: tuple[str, ...]       # data mixture: records whose task is listed
+    # a share of the stage's samples per task of `tasks` (replay earlier tasks at a chosen rate); empty: the
+    # tasks' natural proportions in the training sources
+    task_weights: tuple[float, ...] = ()
     trainable: tuple[str, ...]   # parameter groups updated in this stage; the others are frozen
     lr: float
     schedule: str = "cosine"     # cosine | constant
@@ -51,6 +54,9 @@ class StageConfig(Section):
             if unknown or not names:
                 what = f"unknown {unknown[0]!r}" if unknown else "empty"
                 self.fail(field, f"{what}; expected a non-empty subset of {known}")
+        if self.task_weights and (len(self.task_weights) != len(self.tasks)
+                                  or not all(w > 0 for w in self.task_weights)):
+            self.fail("task_weights", f"expected () or one positive weight per task of {self.tasks}")
         if not self.lr > 0:
             self.fail("lr", "must be positive")
         if self.schedule not in SCHEDULES:

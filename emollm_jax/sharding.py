@@ -8,6 +8,7 @@ names the mesh and a config switches between data parallel, FSDP and tensor para
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -283,6 +284,30 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
             )
         out[key] = jax.make_array_from_process_local_data(sharding, value, (global_rows, *value.shape[1:]))
     return out
+
+
+def local_rows(global_rows: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> np.ndarray:
+    """int64[local]: the rows of a `global_rows` batch placed on this process's devices by `data_sharding`,
+    in the order `global_batch` takes this process's rows (its inverse: `global[local_rows(...)]` is what
+    this process passed)."""
+    index_map = data_sharding(mesh, rules).addressable_devices_indices_map((global_rows,))
+    starts = sorted({idx[0].indices(global_rows)[:2] for idx in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts]) if starts else np.zeros(0, np.int64)
+
+
+def gather_json(value: Any) -> list[Any]:
+    """`value` (JSON-serialisable) of every process, in process order, on every process: a collective, so
+    every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(everyone[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
 
 
 def initialize_distributed(

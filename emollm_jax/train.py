@@ -39,6 +39,7 @@ from emollm_jax.hooks import (
     StepEvent,
     TrainLogging,
 )
+from emollm_jax.logs import FILE_ONLY
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 
 if TYPE_CHECKING:
@@ -385,7 +386,7 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
     ckpt = Checkpointer(workdir_p / "checkpoints", max_to_keep=int(config.train.max_to_keep),
                         save_interval_steps=int(config.train.checkpoint_every))
     peak, peak_source = flops.device_peak_flops()
-    log.info("MFU peak: %.3g FLOP/s per process (%s)", peak, peak_source)
+    log.info("MFU peak: %.3g FLOP/s per process (%s)", peak, peak_source, extra=FILE_ONLY)
     return RunContext(config=config, workdir=workdir_p, mesh=mesh, setup=setup, tokenizer=tokenizer,
                       base_cfg=base_cfg, ckpt=ckpt,
                       data_factory=data_factory or functools.partial(stage_stream, workdir=workdir),

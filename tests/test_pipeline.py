@@ -252,3 +252,82 @@ def test_spec_carries_the_image_normalisation(bench):
         dataclasses.replace(default, image_mean=(0.5, 0.5))
     with pytest.raises(ValueError, match="positive"):
         dataclasses.replace(default, image_std=(0.5, 0.0, 0.5))
+
+
+# ---------------------------------------------------------------------------------- tasks, weights, state
+
+
+def test_a_task_filter_reads_like_a_file_of_those_records(bench, tmp_path):
+    """Filtering by task inside the pipeline gives the batches a file holding only those records gave (same
+    seed): the user's file is read in place, and a stage reads what it read before."""
+    root, records, tok = bench
+    keep = ("emo_c", "vqa")
+    only = tmp_path / "only.jsonl"
+    only.write_text("".join(json.dumps(r) + "\n" for r in records if r["task"] in keep))
+    filtered = _spec(root, data_root=str(root), tasks=keep, batch_size=3)
+    ref = _spec(root, sources=(str(only),), data_root=str(root), batch_size=3)
+    got = pipeline.make_train_iterator(filtered, tokenizer=tok, process_index=0, process_count=1)
+    want = pipeline.make_train_iterator(ref, tokenizer=tok, process_index=0, process_count=1)
+    assert got.num_records == want.num_records == sum(r["task"] in keep for r in records)
+    _assert_batches_equal(_take(got, 8), _take(want, 8))
+
+
+def test_task_weights_give_each_task_its_share(bench):
+    root, records, tok = bench
+    spec = _spec(root, data_root=str(root), tasks=("emo_c", "vqa"), task_weights=(1.0, 3.0), batch_size=8)
+    it = pipeline.make_train_iterator(spec, tokenizer=tok, process_index=0, process_count=1)
+    assert it.task_shares == {"emo_c": 0.25, "vqa": 0.75}
+    text_rows = np.mean([(b["frame_media"] < 0).all(axis=1) for b in _take(it, 25)])  # vqa rows are text
+    assert abs(text_rows - 0.75) < 0.06, text_rows
+    with pytest.raises(ValueError, match=r"task weights name \['hate'\]"):
+        pipeline.make_train_iterator(_spec(root, data_root=str(root), tasks=("emo_c", "hate"),
+                                           task_weights=(1.0, 1.0)), tokenizer=tok)
+
+
+def test_a_source_task_fills_records_without_one(bench, tmp_path):
+    from data_pipeline.sources import SourceSpec
+
+    root, records, tok = bench
+    plain = [{k: v for k, v in r.items() if k != "task"} for r in records if r["task"] == "vqa"]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(plain))
+    spec = _spec(root, sources=(SourceSpec(str(path), task="vqa", root=str(root)),), tasks=("vqa",),
+                 num_epochs=1, batch_size=1)
+    assert len(list(pipeline.make_train_iterator(spec, tokenizer=tok, process_index=0, process_count=1))) \
+        == len(plain)
+    budget = ErrorBudget(len(plain))
+    bare = dataclasses.replace(spec, sources=(str(path),), tasks=None)
+    with pytest.raises(ValueError, match="no valid record"):
+        pipeline.make_train_iterator(bare, tokenizer=tok, process_index=0, process_count=1, budget=budget)
+    assert budget.skipped == len(plain) and budget.examples[0].field == "task"
+    assert str(budget.examples[0]) == f"{path}:1: task: missing required field"
+
+
+def test_duplicate_ids_across_sources_are_charged(bench, tmp_path):
+    root, records, tok = bench
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    spec = _spec(root, sources=(str(root / "train.jsonl"), str(copy)), data_root=str(root), max_errors=1)
+    with pytest.raises(ErrorBudgetExceeded, match=rf"{copy}:2: id: duplicate id 'emo_c-0001'; first used at "
+                                                  rf"{root / 'train.jsonl'}:2"):
+        pipeline.make_train_iterator(spec, tokenizer=tok, process_index=0, process_count=1)
+
+
+def test_the_error_count_is_part_of_the_iterator_state(bench, tmp_path):
+    """Lazy validation: skipped records are counted as they are read; a resumed iterator continues from the
+    saved count (and position), so the budget spans the whole run."""
+    root, records, tok = bench
+    path = tmp_path / "bad_label.jsonl"
+    bad = dict(records[0], id="emo_c-bad", label="boredom")  # not among its options: a schema error
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*records, bad]))
+    spec = _spec(root, sources=(str(path),), data_root=str(root), batch_size=2, max_errors=100,
+                 validate="lazy")
+    it = pipeline.make_train_iterator(spec, tokenizer=tok, process_index=0, process_count=1)
+    _take(it, 15)  # 30 samples: past the first epoch of 21 records, so the bad one was met
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["errors"]["skipped"] >= 1 and set(state["errors"]["by_field"]) == {"label"}
+    expected = _take(it, 6)
+    resumed = pipeline.make_train_iterator(spec, tokenizer=tok, process_index=0, process_count=1)
+    resumed.set_state(state)
+    assert resumed.budget.skipped == state["errors"]["skipped"]
+    _assert_batches_equal(_take(resumed, 6), expected)

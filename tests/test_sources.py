@@ -147,17 +147,34 @@ def test_arrayrecord_roundtrip_embeds_media(bench, tmp_path):
     assert kinds == {"image_bytes", "video_frames_bytes", "video_bytes"}
 
 
-def test_convert_cli_error_budget_and_atomicity(bench, tmp_path):
+def test_convert_cli_error_budget_and_atomicity(bench, tmp_path, capsys):
     root, records = bench
     bad = tmp_path / "bad.jsonl"
-    rows = [json.dumps(r) for r in records[:4]] + [json.dumps(dict(records[0], image="images/missing.png"))]
+    missing = dict(records[0], id="emo_c-missing", image="images/missing.png")
+    rows = [json.dumps(r) for r in records[:4]] + [json.dumps(missing)]
     bad.write_text("\n".join(rows) + "\n")
+    args = [str(bad), "--data-root", str(root), "--out", str(tmp_path / "x/emo")]
+    assert convert_arrayrecord.main(args) == 1
+    assert f"{bad}:5: media:" in capsys.readouterr().err
     with pytest.raises(ErrorBudgetExceeded, match="media"):
-        convert_arrayrecord.main([str(bad), "--data-root", str(root), "--out", str(tmp_path / "x/emo")])
+        convert_arrayrecord.convert([bad], tmp_path / "x/emo", data_root=root)
     assert not os.path.exists(tmp_path / "x") or not os.listdir(tmp_path / "x")
     assert convert_arrayrecord.main([str(bad), "--data-root", str(root), "--out", str(tmp_path / "y/emo"),
                                      "--num-shards", "2", "--max-errors", "1"]) == 0
     assert len(sources.ArrayRecordSource(tmp_path / "y/emo")) == 4
+
+
+def test_arrayrecord_index_files_name_task_id_and_origin(bench, tmp_path):
+    """A pipeline filters shards by task from their index files, which say what decoding every record says."""
+    root, records = bench
+    paths, _ = convert_arrayrecord.convert([root / "train.jsonl"], tmp_path / "emo", data_root=root,
+                                           num_shards=2)
+    stored = sources.ArrayRecordSource(tmp_path / "emo").index()
+    assert [(e.task, e.id, e.source, e.line) for e in stored] == [
+        (r["task"], r["id"], str(root / "train.jsonl"), i + 1) for i, r in enumerate(records)]
+    for path in paths:
+        os.unlink(path + sources.INDEX_SUFFIX)
+    assert sources.ArrayRecordSource(tmp_path / "emo").index() == stored
 
 
 def test_tfds_builder_without_tensorflow(bench, tmp_path):
@@ -185,6 +202,9 @@ def test_tfds_builder_without_tensorflow(bench, tmp_path):
     assert seen == set(by_id)
     first = next(iter(grain.MapDataset.source(src).map(lambda e: e["record"]["id"]).to_iter_dataset()))
     assert first in by_id
+    # the builder's prepared directory is a source too (what config.data.sources names)
+    by_dir = sources.open_source(builder.data_dir, split="train")
+    assert len(by_dir) == len(records) and by_dir[0]["record"]["id"] == src[0]["record"]["id"]
     import sys
 
     assert "tensorflow" not in sys.modules
