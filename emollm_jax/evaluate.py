@@ -262,7 +262,7 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     from emollm_jax import experiment
 
     model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                        image_token_id=tokenizer.image_token_id)
+                                        image_token_id=tokenizer.image_token_id, init_from=init_from)
     model = experiment.new_model(model_cfg, int(config.seed))
     if init_from:
         experiment.load_initial_weights(config, model, init_from)

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from emollm_jax import lora
+from emollm_jax import init_config, lora
 from emollm_jax.configuration import Section
 from emollm_jax.lora import LoRAConfig
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
@@ -46,9 +46,13 @@ class DataSetup:
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 image_token_id: int | None = None, freeze_vision: bool = True) -> EmoLLMConfig:
-    """`EmoLLMConfig` from `config.model`; `vocab_size` / `image_token_id` fill the "from tokenizer" values
-    (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would fall off it)."""
+                 image_token_id: int | None = None, freeze_vision: bool = True,
+                 init_from: str | None = None) -> EmoLLMConfig:
+    """`EmoLLMConfig` from `config.model`, its parts filled from the pretrained checkpoints' own configs
+    (`init_config.resolve`), with `config.lora`'s adapters; `vocab_size` / `image_token_id` fill the "from
+    tokenizer" values (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would
+    fall off it)."""
+    config = init_config.resolve(config, init_from)
     m = config.model
     vocab = int(m.text.vocab_size)
     if vocab <= 0:
@@ -201,18 +205,11 @@ _BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # the parameters a checkpoin
 
 
 def read_model(path: str | os.PathLike, dtype: str | None = None) -> Any | None:
-    """The model an HF dir (config.json) or a converted dir (`python -m emollm_jax.convert` output:
-    convert.json) holds, or None for anything else (an orbax params checkpoint needs a target to restore)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from emollm_jax.convert import load_hf
+    """The model an HF dir or a converted dir (`python -m emollm_jax.convert` output) holds, or None for
+    anything else (an orbax params checkpoint needs a target to restore into)."""
+    from emollm_jax.convert.orbax_params import load_model_dir
 
-        return load_hf(path, dtype=dtype)
-    if (path / "convert.json").is_file():
-        from emollm_jax.convert.orbax_params import load_params
-
-        return load_params(path)
-    return None
+    return load_model_dir(path, dtype=dtype)
 
 
 def _load_part(model: EmoLLM, part: str, path: str, where: str) -> None:

@@ -88,9 +88,10 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
 
     import jax
 
-    from emollm_jax import sharding
+    from emollm_jax import init_config, sharding
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    config = init_config.resolve(config, FLAGS.init_from)  # the model blocks a pretrained checkpoint implies
     run_config.validate_config(config, jax.device_count())
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)
