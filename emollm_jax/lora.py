@@ -124,7 +124,7 @@ class LoRALinear(nnx.Linear):
             alpha,
             names=tuple(names),
             dtype=self.dtype,
-            param_dtype=self.kernel[...].dtype,
+            param_dtype=jnp.float32,  # trained master weights, whatever the frozen kernel is stored in
             dropout=dropout,
             rngs=rngs,
         )
