@@ -187,15 +187,18 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
 
     `hf` / `init_from`: a whole model: an HF dir (LLaVA layout), the conversion CLI's output, or an orbax
     params checkpoint of this EmoLLM; `llm` and `vision`: one tower each, from an HF or converted dir of the
-    tower alone or of a whole LLaVA (LLaVA-1.5 recipe: pretrained towers, fresh projector); `params`: an
-    orbax params checkpoint of this EmoLLM. A whole model under another projector gives its two towers only.
-    LoRA adapters are taken from a checkpoint that has them, and otherwise start fresh (B = 0).
+    tower alone or of a whole LLaVA (LLaVA-1.5 recipe: pretrained towers, fresh projector), taking the place
+    of the whole model's tower; `params`: an orbax params checkpoint of this EmoLLM. A whole model under
+    another projector gives its towers only. LoRA adapters are taken from a checkpoint that has them, and
+    otherwise start fresh (B = 0).
     """
     whole = init_from or config.init.hf
-    sources = [("", whole)] if whole else []
-    sources += [(part, config.init[part]) for part in ("llm", "vision") if config.init[part]]
-    for part, path in sources:
-        _load_part(model, part, path, f"{'config.init.' + part if part else 'init_from'}={path}")
+    towers = [part for part in ("llm", "vision") if config.init[part]]
+    if whole:
+        key = "init_from" if init_from else "config.init.hf"
+        _load_whole(model, whole, skip=towers, where=f"{key}={whole}")
+    for part in towers:
+        _load_part(model, part, config.init[part], f"config.init.{part}={config.init[part]}")
     if config.init.params:
         _restore_into(model, config.init.params, f"config.init.params={config.init.params}")
         log.info("loaded params from %s", config.init.params)
@@ -212,24 +215,39 @@ def read_model(path: str | os.PathLike, dtype: str | None = None) -> Any | None:
     return load_model_dir(path, dtype=dtype)
 
 
-def _load_part(model: EmoLLM, part: str, path: str, where: str) -> None:
-    """Loads `path` into `model` (part "") or one of its towers ("llm", "vision")."""
-    target = getattr(model, part) if part else model
+def _load_whole(model: EmoLLM, path: str, skip: list[str], where: str) -> None:
+    """A whole model into `model`, but for the towers in `skip` (another source gives them)."""
     loaded = read_model(path, dtype=model.config.text.param_dtype)
     if loaded is None:
-        _restore_into(target, path, where)
-    elif not part and _projector_differs(loaded, model):
-        # A LLaVA checkpoint under an MVP (or other) projector: take its two towers, keep the configured
+        _restore_into(model, path, where)
+        log.info("loaded model weights from %s", path)
+        return
+    if not isinstance(loaded, EmoLLM):
+        raise ValueError(f"{where}: holds a {type(loaded).__name__}, not a whole EmoLLM / Llava; give a "
+                         "decoder as config.init.llm and a tower as config.init.vision")
+    parts = [p for p in ("vision", "projector", "llm") if p not in skip]
+    if _projector_differs(loaded, model):
+        # A LLaVA checkpoint under an MVP (or other) projector: take its towers, keep the configured
         # projector freshly initialised (LLaVA-1.5's recipe for a new projector).
         log.info("%s has a %s projector, the config a %s one: loading the towers only, the projector "
                  "starts fresh", path, loaded.config.projector.kind, model.config.projector.kind)
-        for tower in ("llm", "vision"):
-            _update_base(getattr(model, tower), getattr(loaded, tower), f"{where} ({tower})")
+        parts.remove("projector")
+    for part in parts:
+        _update_base(getattr(model, part), getattr(loaded, part), f"{where} ({part})")
+    log.info("loaded %s weights from %s", " + ".join(parts), path)
+
+
+def _load_part(model: EmoLLM, part: str, path: str, where: str) -> None:
+    """One tower ("llm", "vision") from `path`: that tower alone, a whole LLaVA's, or a params checkpoint."""
+    target = getattr(model, part)
+    loaded = read_model(path, dtype=model.config.text.param_dtype)
+    if loaded is None:
+        _restore_into(target, path, where)
     else:
-        if part and isinstance(loaded, EmoLLM):
+        if isinstance(loaded, EmoLLM):
             loaded = getattr(loaded, part)  # one tower of a whole LLaVA
         _update_base(target, loaded, where)
-    log.info("loaded %s weights from %s", part or "model", path)
+    log.info("loaded %s weights from %s", part, path)
 
 
 def _update_base(target: nnx.Module, loaded: nnx.Module, where: str) -> None:
