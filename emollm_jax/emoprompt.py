@@ -355,8 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = _read_records(args.records)
     rationale = None
     if args.teacher:
-        rationale = teacher_rationale_fn(args.teacher, tokenizer=args.teacher_tokenizer,
-                                         max_new_tokens=args.max_new_tokens)
+        try:
+            rationale = teacher_rationale_fn(args.teacher, tokenizer=args.teacher_tokenizer,
+                                             max_new_tokens=args.max_new_tokens)
+        except ValueError as e:
+            parser.error(str(e))
     bank = build_from_records(records, args.per_task, rationale=rationale)
     if not bank:
         print(f"{args.records}: no record has a rationale (and no --teacher given); nothing written",
