@@ -248,14 +248,14 @@ def load_teacher(teacher: str | os.PathLike, tokenizer: str | os.PathLike | None
     from data_pipeline.text import load_tokenizer
     from emollm_jax.convert.orbax_params import load_model_dir, source_dir
 
-    model = load_model_dir(teacher, dtype="float32")
-    if model is None:
-        raise ValueError(f"--teacher {teacher}: neither an HF model directory (config.json) nor a converted "
-                         "checkpoint (convert.json)")
     if tokenizer is None:
         tokenizer = teacher if _has_tokenizer(teacher) else source_dir(teacher)
     if not _has_tokenizer(tokenizer):
         raise ValueError(f"--teacher {teacher}: no tokenizer in {tokenizer}; pass --teacher-tokenizer DIR")
+    model = load_model_dir(teacher, dtype="float32")
+    if model is None:
+        raise ValueError(f"--teacher {teacher}: neither an HF model directory (config.json) nor a converted "
+                         "checkpoint (convert.json)")
     return model, load_tokenizer(tokenizer)
 
 

@@ -20,6 +20,7 @@ FAST = (
     "--config.eval.batch_size=8",
     "--config.eval.max_new_tokens=3",
     "--config.eval.max_examples=8",
+    "--config.eval.control_split=none",  # no such split: the blank-image control is not evaluated
 )
 
 

@@ -2,7 +2,7 @@
 projector; the checkpoint carries them and evaluation loads them; `python -m emollm_jax.convert --workdir`
 merges them into an HF Llava that transformers reads (`--to_hf`) or writes them alone in PEFT's layout
 (`--lora_only`) that `peft` loads onto the HF model; a resumed run with adapters and dropout continues exactly
-as an uninterrupted one."""
+as an uninterrupted one (dropout's masks are keyed by the seed and the batch)."""
 
 import json
 
@@ -158,10 +158,4 @@ def test_resume_with_adapters_and_dropout_matches_an_uninterrupted_run(tmp_path)
     leaves = zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True)
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in leaves) < 1e-6
     losses = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
-    assert len(losses) == 4
-    # Dropout is on in training: without it the first update differs (B starts at 0, so the first loss
-    # does not), and so does the next loss.
-    plain = train.train(load_config(cli_setup.CONFIG + ":tiny", [*overrides, "lora.dropout=0.0"]),
-                        str(tmp_path / "plain"))
-    assert plain.losses["emotional"][0] == pytest.approx(full.losses["emotional"][0], rel=1e-6)
-    assert abs(plain.losses["emotional"][1] - full.losses["emotional"][1]) > 1e-6
+    assert losses == pytest.approx(full.losses["emotional"], rel=1e-6)
