@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir and not (args.to_hf or args.lora_only):
         p.error("--workdir needs --to_hf or --lora_only")
     if args.workdir:
-        return _export_run(args)
+        try:
+            return _export_run(args)
+        except (ValueError, FileNotFoundError) as e:  # no HF form, no adapters, not a run's workdir
+            p.exit(2, f"error: {e}\n")
     if args.clip_dir and not args.hf_dir:
         p.error("--clip_dir goes with --hf_dir")
     if args.ckpt:
