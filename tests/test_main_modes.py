@@ -131,3 +131,15 @@ def test_gradient_accumulation_equals_the_double_batch(tmp_path):
     pairs = np.asarray(micro).reshape(3, 2).mean(axis=1)  # the two halves of each double batch
     np.testing.assert_allclose(pairs, double, rtol=1e-5, atol=1e-5)
     assert abs(double[2] - double[0]) > 1e-3  # the updates between them did move the model
+
+
+@pytest.mark.slow
+def test_exports_a_run_cannot_give_are_one_error_line(runs, tmp_path):
+    """The tiny run has no adapters and an MVP projector (no HF Llava form)."""
+    workdir, _ = runs("vicuna_v1")
+    refused = (("--lora_only", "has no LoRA adapters to export"), ("--to_hf", "no HF Llava counterpart"))
+    for flag, why in refused:
+        proc = cli_setup.run("emollm_jax.convert", "--workdir", workdir, flag, "--out", tmp_path / "out",
+                             cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and why in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+        assert not (tmp_path / "out").exists()
