@@ -74,7 +74,8 @@ def test_eval_mode_reads_the_checkpoint(runs):
 def test_predict_one_image_or_video(runs, data, media):
     workdir, _ = runs("vicuna_v1")
     task = "emo_c" if media == "image" else "emo_o"
-    record = next(r for _, r in iter_records(data / "test.jsonl") if r["task"] == task and media in r)
+    records = [r for split in ("test", "train") for _, r in iter_records(data / f"{split}.jsonl")]
+    record = next(r for r in records if r["task"] == task and media in r)  # video: an .mp4 file
     path = data / record[media]
     proc = cli_setup.main(workdir, "--mode=predict", f"--{media}={path}", f"--task={task}",
                           f"--question={record['conversations'][0]['value']}", *FAST)
