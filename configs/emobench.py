@@ -46,6 +46,9 @@ def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = "tiny"
     c.seed = 0
+    # Keys given as overrides (--config.a.b=v), recorded by configuration.apply_overrides: a pretrained
+    # checkpoint's own config (config.init.*) fills the model blocks except these (emollm_jax.init_config).
+    c.overrides = ()
 
     # Each part block names a registered kind (emollm_jax.models.parts) and that kind's fields.
     c.model = ml_collections.ConfigDict()

@@ -1,18 +1,30 @@
 """Free-text model answer -> EmoBench label.
 
-EmoBench's answer-mapping rules are not published; this is our rule set (a reimplementation choice):
+EmoBench's answer-mapping rules are not published; this is our rule set (a reimplementation choice), written
+for answers as chat models phrase them ("Definitely not sarcastic.", "It is not joy but sadness.", "Hard to
+tell."), not only for one-word answers:
 
-1. normalise both answer and options (lowercase, apostrophes dropped, other punctuation -> space, articles
-   a/an/the dropped, whitespace collapsed);
+1. normalise both answer and options (lowercase, apostrophes dropped, articles a/an/the dropped, whitespace
+   collapsed); clause punctuation (. , ; : ! ? brackets) is kept as a break `|` for the negation rule below.
+   A few idioms are rewritten first: "no doubt" -> "definitely", "rather than X" / "instead of X" -> "not X";
 2. exact match with an option;
-3. close-set: the single option named in the answer (whole words, longest option first so "not hateful" is
-   not also read as "hateful"; a match right after a negation such as "not sad" does not count). Two or more
-   options named -> ambiguous -> unparseable. Options may also be named through the synonym table
-   ("happy" names the option "joy"; "happiness" as an option is matched by "glad");
-4. binary tasks (hate, humor, sarcasm): the first yes-word or no-word decides ("it is not sarcastic" -> no),
-   mapped onto the record's options when they are not plain yes/no;
-5. open-set (emo_o): the single emotion named in the answer, through the synonym table, among the task's
-   label space when one is known.
+3. a hedge ("not sure", "hard to tell", "can't say", "maybe", "could be", ... `HEDGES`) makes any answer
+   unparseable: a model that did not commit is not given the point for either label;
+4. negation: a word is negated when a negation word (`NEGATIONS`: not, no, never, isn't, doesn't, can't,
+   neither/nor, without, ...) stands up to five words before it in the same clause, with no "but", "and",
+   "however", "rather", ... in between: "definitely not sarcastic", "doesn't seem to be happy" and "not at all
+   funny" are negated; in "not joy but sadness" only "joy" is;
+5. close-set (emo_c, intent): the single option named and not negated (whole words, longest option first so
+   "not hateful" is not also read as "hateful"; options may be named through the synonym table: "happy"
+   names "joy"; an option "to eat" is also named by "eat"). Two or more options named -> unparseable;
+6. binary tasks (hate, humor, sarcasm): every claim in the answer is collected: answer words (yes, yeah,
+   correct, definitely / no, nope, false; "definitely not" is a no) and the task's own words (sarcasm:
+   sarcastic, ironic / sincere, genuine; ...), each flipped when negated. All claims agree -> that label;
+   they disagree -> the claims after the last "but" / "however" / "actually" decide, and a concessive
+   clause ("although it looks sincere, ...") does not count; still disagreeing -> unparseable. The label is
+   mapped onto the record's options when they are not plain yes/no ("not hateful");
+7. open-set (emo_o): the single emotion named and not negated, through the synonym table, among the task's
+   label space when one is known ("mostly happy" -> joy, "could be anger or fear" -> unparseable).
 
 The synonym table maps a word to a canonical emotion; users extend it with a JSON file `{"word": "label"}`.
 """
@@ -31,18 +43,66 @@ EMOBENCH_TASKS: tuple[str, ...] = EMOTION_TASKS  # the six sub-tasks scored in t
 BINARY_TASKS: frozenset[str] = frozenset({"hate", "humor", "sarcasm"})
 OPEN_SET_TASKS: frozenset[str] = frozenset({"emo_o"})
 
-_ARTICLES = frozenset({"a", "an", "the"})
-_NEGATIONS = frozenset({"not", "no", "never", "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "didnt",
-                        "non", "without", "hardly"})
+BREAK = "|"  # clause break token in a normalised answer
+NEG_WINDOW = 5  # a negation reaches this many words ahead within its clause
 
-YES_WORDS: frozenset[str] = frozenset({
-    "yes", "yeah", "yep", "yup", "true", "correct", "indeed", "definitely", "certainly",
-    "sarcastic", "sarcasm", "ironic", "irony", "humorous", "humor", "humour", "funny", "joke", "joking",
-    "amusing", "hilarious", "hateful", "hate", "hatred", "offensive", "hostile", "racist", "sexist",
+_ARTICLES = frozenset({"a", "an", "the"})
+NEGATIONS: frozenset[str] = frozenset({
+    "not", "no", "never", "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "didnt", "cant", "cannot",
+    "couldnt", "wouldnt", "shouldnt", "wont", "aint", "non", "without", "hardly", "barely", "neither", "nor",
+    "nothing", "none", "lacks", "lacking",
 })
-NO_WORDS: frozenset[str] = frozenset({
-    "no", "nope", "nah", "false", "incorrect", "none", "neither", *_NEGATIONS,
+# Words that end a negation's reach: "not joy but sadness", "not sad and rather angry".
+_SCOPE_ENDS = frozenset({"but", "however", "although", "though", "whereas", "yet", "rather", "instead",
+                         "while", "and", "actually"})
+_CONTRAST = frozenset({"but", "however", "actually", "yet", "instead", "rather"})  # later claims win
+_CONCESSIVE = frozenset({"although", "though", "while", "despite"})  # this clause's claims do not count
+# (phrase, replacement) on normalised words, before anything else.
+_IDIOMS: tuple[tuple[str, str], ...] = (
+    ("no doubt", "definitely"), ("without doubt", "definitely"), ("undoubtedly", "definitely"),
+    ("of course not", "definitely not"), ("of course", "definitely"), ("not only", ""),
+    ("dont think so", "no"), ("do not think so", "no"), ("dont believe so", "no"),
+    ("do not believe so", "no"), ("think so", "yes"), ("believe so", "yes"),
+    ("rather than", "not"), ("instead of", "not"), ("as opposed to", "not"), ("other than", "not"),
+)
+HEDGES: tuple[str, ...] = (
+    "not sure", "unsure", "not certain", "uncertain", "hard to tell", "hard to say", "hard to determine",
+    "difficult to tell", "difficult to say", "difficult to determine", "impossible to tell",
+    "impossible to say", "impossible to determine", "cant tell", "cannot tell", "cant say", "cannot say",
+    "cant determine", "cannot determine", "cant be sure", "cannot be sure", "cannot be determined",
+    "cant be determined", "unable to tell", "unable to say", "unable to determine", "no way to tell",
+    "no way to know", "unclear", "not clear", "ambiguous", "dont know", "do not know", "no idea", "maybe",
+    "perhaps", "possibly", "might be", "may be", "could be", "either way", "it depends", "depends on",
+    "open to interpretation", "not enough information", "insufficient information",
+)
+# Explicit answers. "definitely not" / "absolutely not" are no's: an affirmation followed by a negation.
+ANSWER_YES: frozenset[str] = frozenset({
+    "yes", "yeah", "yep", "yup", "yea", "true", "correct", "indeed", "definitely", "certainly", "absolutely",
+    "surely", "sure", "affirmative",
 })
+ANSWER_NO: frozenset[str] = frozenset({"no", "nope", "nah", "false", "incorrect", "negative"})
+# An answer made of a negation and these words only ("Not at all.", "Not really.") is a no.
+_EMPTY_AFTER_NEGATION = frozenset({"at", "all", "really", "quite", "particularly", "so", "very", "much",
+                                   "exactly", "in", "slightest", "way", "any", "definitely"})
+# Per binary task: words that say the label is yes, and words that say it is no.
+TASK_WORDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
+    "sarcasm": (
+        frozenset({"sarcastic", "sarcasm", "sarcastically", "ironic", "irony", "ironically", "mocking",
+                   "mockery", "facetious"}),
+        frozenset({"sincere", "sincerely", "genuine", "genuinely", "earnest", "straightforward"}),
+    ),
+    "humor": (
+        frozenset({"funny", "humorous", "humor", "humour", "joke", "joking", "jokes", "amusing", "hilarious",
+                   "comedic", "comical", "witty", "laughable"}),
+        frozenset({"unfunny", "humorless", "humourless", "serious", "boring", "dull"}),
+    ),
+    "hate": (
+        frozenset({"hateful", "hate", "hatred", "offensive", "hostile", "racist", "sexist", "bigoted",
+                   "derogatory", "discriminatory", "demeaning", "insulting", "abusive", "slur", "xenophobic",
+                   "homophobic", "dehumanizing", "contempt"}),
+        frozenset({"harmless", "benign", "inoffensive", "respectful", "friendly", "innocent"}),
+    ),
+}
 
 # word -> canonical emotion. Canonical names follow Ekman-6 + neutral and the FI/Emotion6 label sets.
 DEFAULT_SYNONYMS: Mapping[str, str] = {
@@ -65,6 +125,7 @@ DEFAULT_SYNONYMS: Mapping[str, str] = {
 }
 
 _WORD = re.compile(r"[a-z0-9]+")
+_TOKEN = re.compile(r"[a-z0-9]+|[.,;:!?()\[\]\n]+")
 
 
 def normalize(text: str) -> str:
@@ -72,6 +133,23 @@ def normalize(text: str) -> str:
     text = text.lower().replace("'", "").replace("\u2019", "")
     words = _WORD.findall(text)
     return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def clauses(text: str) -> str:
+    """`normalize`, but clause punctuation becomes a `|` token and the idioms are rewritten:
+    "No doubt, it's sarcastic." -> "definitely | its sarcastic |"."""
+    text = text.lower().replace("'", "").replace("\u2019", "")
+    tokens: list[str] = []
+    for tok in _TOKEN.findall(text):
+        if not tok[0].isalnum():
+            if tokens and tokens[-1] != BREAK:
+                tokens.append(BREAK)
+        elif tok not in _ARTICLES:
+            tokens.append(tok)
+    out = " ".join(tokens)
+    for phrase, repl in _IDIOMS:
+        out = re.sub(rf"(?<![a-z0-9]){phrase}(?![a-z0-9])", repl, out)
+    return " ".join(out.split())
 
 
 def load_synonyms(path: str | Path, base: Mapping[str, str] = DEFAULT_SYNONYMS) -> dict[str, str]:
@@ -99,8 +177,24 @@ def _find(phrase: str, text: str) -> list[tuple[int, int]]:
 
 
 def _negated(text: str, start: int) -> bool:
-    prev = text[:start].split()
-    return bool(prev) and prev[-1] in _NEGATIONS
+    """Whether the word at character `start` of `text` (a `clauses` string) is negated (rule 4)."""
+    for word in reversed(text[:start].split()[-NEG_WINDOW:]):
+        if word == BREAK or word in _SCOPE_ENDS:
+            return False
+        if word in NEGATIONS:
+            return True
+    return False
+
+
+def hedged(text: str) -> bool:
+    """Whether a normalised answer contains a hedge (`HEDGES`)."""
+    return any(_find(h, text) for h in HEDGES)
+
+
+def _bare_forms(option: str) -> list[str]:
+    """Other ways an answer names an option: "to eat" is also named by "eat"."""
+    words = option.split()
+    return [" ".join(words[1:])] if len(words) > 1 and words[0] == "to" else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,19 +208,21 @@ class AnswerParser:
         return self.synonyms.get(phrase, phrase)
 
     def named(self, text: str, candidates: Sequence[str]) -> list[str]:
-        """Candidates (normalised) named in normalised `text`, directly or via a synonym, in first-seen order.
+        """Candidates (normalised) named in `text` (`normalize` or `clauses` form), directly, by a bare form
+        or via a synonym, not negated, in first-seen order.
 
-        Longer candidates claim their words first so that "not hateful" does not also name "hateful"; a
-        candidate right after a negation word is skipped unless it starts with one itself.
+        Longer phrases claim their words first so that "not hateful" does not also name "hateful"; a
+        candidate starting with a negation word is never itself negated.
         """
+        forms = [(form, cand) for cand in set(candidates) for form in [cand, *_bare_forms(cand)]]
         found: dict[str, int] = {}
         taken = [False] * len(text)
-        for cand in sorted(set(candidates), key=len, reverse=True):
-            for s, e in _find(cand, text):
+        for form, cand in sorted(forms, key=lambda fc: len(fc[0]), reverse=True):
+            for s, e in _find(form, text):
                 if any(taken[s:e]):
                     continue
                 taken[s:e] = [True] * (e - s)
-                if cand.split()[0] in _NEGATIONS or not _negated(text, s):
+                if form.split()[0] in NEGATIONS or not _negated(text, s):
                     found.setdefault(cand, s)
         by_concept: dict[str, list[str]] = {}
         for cand in candidates:
@@ -149,33 +245,34 @@ class AnswerParser:
           label_space: labels an open-set answer may map to (e.g. every gold label of the task); None = any
             canonical emotion from the synonym table, or the answer itself when it is one word.
         """
-        text = normalize(answer)
-        if not text:
+        if not normalize(answer):
             return None
         options = list(options or [])
         norm_options = {normalize(o): o for o in options}
-        if text in norm_options:
-            return norm_options[text]
+        if normalize(answer) in norm_options:
+            return norm_options[normalize(answer)]
+        text = clauses(answer)
+        if hedged(text):
+            return None
         if task in BINARY_TASKS:
-            return self._binary(text, norm_options)
+            return self._binary(text, task, norm_options)
         if norm_options and task not in OPEN_SET_TASKS:
             named = self.named(text, list(norm_options))
             return norm_options[named[0]] if len(named) == 1 else None
         return self._open_set(text, label_space)
 
-    def _binary(self, text: str, norm_options: Mapping[str, str]) -> str | None:
-        if norm_options:
+    def _binary(self, text: str, task: str, norm_options: Mapping[str, str]) -> str | None:
+        plain = set(norm_options) <= {"yes", "no"}
+        if not plain:
             named = self.named(text, list(norm_options))
             if len(named) == 1:
                 return norm_options[named[0]]
-            if len(named) > 1 and not set(named) <= {"yes", "no"}:
+            if len(named) > 1:
                 return None
-        polarity = _polarity(text)
-        if polarity is None:
-            return None
-        if not norm_options:
+        polarity = binary_polarity(text, task)
+        if polarity is None or not norm_options:
             return polarity
-        matching = [orig for norm, orig in norm_options.items() if _polarity(norm) == polarity]
+        matching = [orig for norm, orig in norm_options.items() if binary_polarity(norm, task) == polarity]
         return matching[0] if len(matching) == 1 else None
 
     def _open_set(self, text: str, label_space: Iterable[str] | None) -> str | None:
@@ -188,19 +285,65 @@ class AnswerParser:
         concepts |= {m.group() for m in words if m.group() in set(self.synonyms.values())}
         if len(concepts) == 1:
             return concepts.pop()
-        if not concepts and len(text.split()) == 1:
-            return text
+        plain = normalize(text)
+        if not concepts and len(plain.split()) == 1 and plain not in NEGATIONS:
+            return plain
         return None
 
 
-def _polarity(text: str) -> str | None:
-    """"yes" / "no" from the first polarity word of a normalised text, else None."""
-    for word in text.split():
-        if word in NO_WORDS:
-            return "no"
-        if word in YES_WORDS:
-            return "yes"
-    return None
+def _claims(words: list[str], task: str) -> list[tuple[int, str]]:
+    """(word index, "yes" | "no") of every claim a binary answer makes (rule 6)."""
+    yes_words, no_words = TASK_WORDS.get(task, (frozenset(), frozenset()))
+    if task not in TASK_WORDS:
+        yes_words = frozenset().union(*(y for y, _ in TASK_WORDS.values()))
+        no_words = frozenset().union(*(n for _, n in TASK_WORDS.values()))
+    text = " ".join(words)
+    starts = [m.start() for m in re.finditer(r"\S+", text)]
+    out = []
+    for i, word in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else BREAK
+        clause_start = i == 0 or words[i - 1] == BREAK
+        if word in ANSWER_YES:
+            out.append((i, "no" if nxt in NEGATIONS or _negated(text, starts[i]) else "yes"))
+        elif word in ANSWER_NO:
+            out.append((i, "no"))
+        elif word in NEGATIONS and clause_start and _only_emphasis(words[i + 1:]):
+            out.append((i, "no"))  # "Not at all." / "Never."
+        elif word in yes_words or word in no_words:
+            flipped = _negated(text, starts[i])
+            out.append((i, "yes" if (word in yes_words) != flipped else "no"))
+    return out
+
+
+def _only_emphasis(rest: list[str]) -> bool:
+    clause = rest[: rest.index(BREAK)] if BREAK in rest else rest
+    return all(w in _EMPTY_AFTER_NEGATION for w in clause)
+
+
+def binary_polarity(text: str, task: str = "") -> str | None:
+    """"yes" / "no" that a `clauses`-normalised answer gives a binary `task`, or None (rule 6)."""
+    words = text.split()
+    claims = _claims(words, task)
+    if not claims:
+        return None
+    if len({p for _, p in claims}) == 1:
+        return claims[0][1]
+    counted = [(i, p) for i, p in claims if not _in_concession(words, i)]
+    contrast = [i for i, w in enumerate(words) if w in _CONTRAST]
+    if contrast:
+        counted = [(i, p) for i, p in counted if i > contrast[-1]]
+    polarities = {p for _, p in counted}
+    return polarities.pop() if len(polarities) == 1 else None
+
+
+def _in_concession(words: list[str], i: int) -> bool:
+    """Whether word `i` lies in a clause opened by "although" / "though" / "while" / "despite"."""
+    for word in reversed(words[:i]):
+        if word == BREAK:
+            return False
+        if word in _CONCESSIVE:
+            return True
+    return False
 
 
 _DEFAULT_PARSER = AnswerParser()

@@ -221,14 +221,23 @@ def _coerce(key: str, value: Any, want: type, nullable: bool) -> Any:
     return value
 
 
+OVERRIDES_KEY = "overrides"  # a config that has this key records there the keys `apply_overrides` set
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
     """A copy of `config` with each dotted key set. `overrides`: a mapping `{"a.b": value}` or `"a.b=value"`
     strings. String values are parsed like `--config.a.b=value` flags (`parse_value`; a string key keeps the
     text as given) and coerced to the type of the existing value; a key holding a plain None takes any type,
     a typed placeholder (`config_dict.placeholder(int)`) its type or None. An unknown key or a value of the
-    wrong type is a `ConfigError` naming the key."""
+    wrong type is a `ConfigError` naming the key.
+
+    When `config` has an `overrides` key (the shipped config files start it as `()`), the dotted keys set
+    here are appended to it: what a run was given, as opposed to what its config file says (the model
+    config a pretrained checkpoint implies replaces the latter only; `emollm_jax.init_config`)."""
     out = copy.deepcopy(config)
+    given: list[str] = []
     for key, value, is_text in _pairs(overrides):
+        given.append(key)
         node, leaf = _block(out, key)
         want = node.get_type(leaf)
         # None is allowed where the key holds None now, or a typed placeholder (ml_collections keeps those as
@@ -243,6 +252,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> 
             node[leaf] = value
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.{key}={value!r}: {e}") from None
+    if OVERRIDES_KEY in out and given:
+        out[OVERRIDES_KEY] = tuple(dict.fromkeys([*out[OVERRIDES_KEY], *given]))
     return out
 
 

@@ -7,8 +7,9 @@ short rationale and the gold answer, placed before the question at train and tes
 Bank file (JSON): `{"version": 1, "tasks": {"emo_c": [{"id", "question", "reasoning", "answer"}, ...]}}`.
 
 CLI: `python -m emollm_jax.emoprompt build --records train.jsonl --out bank.json --per-task 8`
-(rationales from the records' `rationale` fields) or `... --teacher HF_OR_CKPT_DIR` (a model this project can
-load writes a rationale for the gold answer).
+(rationales from the records' `rationale` fields) or `... --teacher DIR` (a model this project loads writes a
+rationale for the gold answer: an HF decoder or Llava directory, or the conversion CLI's output, whose
+tokenizer is then read from the HF directory it was converted from unless `--teacher-tokenizer` names one).
 """
 
 from __future__ import annotations
@@ -240,17 +241,37 @@ def teacher_prompt(record: Mapping[str, Any]) -> str:
             "Explain in one or two sentences which cues lead to this answer.\nReasoning:")
 
 
-def teacher_rationale_fn(teacher: str | os.PathLike, *, max_new_tokens: int = 64,
-                         batch_size: int = 8) -> Callable[[Mapping[str, Any]], str | None]:
-    """record -> rationale from a model `emollm_jax.convert.load_hf` can load (text-only prompt, greedy)."""
+def load_teacher(teacher: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a teacher: an HF directory (a decoder or a Llava) or the conversion CLI's output
+    (`python -m emollm_jax.convert --hf_dir ... --out DIR`). The tokenizer: `tokenizer`, else the teacher's
+    directory, else (converted) the HF directory it was converted from."""
+    from data_pipeline.text import load_tokenizer
+    from emollm_jax.convert.orbax_params import load_model_dir, source_dir
+
+    if tokenizer is None:
+        tokenizer = teacher if _has_tokenizer(teacher) else source_dir(teacher)
+    if not _has_tokenizer(tokenizer):
+        raise ValueError(f"--teacher {teacher}: no tokenizer in {tokenizer}; pass --teacher-tokenizer DIR")
+    model = load_model_dir(teacher, dtype="float32")
+    if model is None:
+        raise ValueError(f"--teacher {teacher}: neither an HF model directory (config.json) nor a converted "
+                         "checkpoint (convert.json)")
+    return model, load_tokenizer(tokenizer)
+
+
+def _has_tokenizer(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_file() or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def teacher_rationale_fn(teacher: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                         max_new_tokens: int = 64) -> Callable[[Mapping[str, Any]], str | None]:
+    """record -> rationale from a teacher `load_teacher` reads (text-only prompt, greedy)."""
     import numpy as np
 
-    from data_pipeline.text import load_tokenizer
-    from emollm_jax.convert import load_hf
     from emollm_jax.generate import generate
 
-    model = load_hf(teacher, dtype="float32")
-    tok = load_tokenizer(teacher)
+    model, tok = load_teacher(teacher, tokenizer)
 
     def fn(record: Mapping[str, Any]) -> str | None:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(teacher_prompt(record))
@@ -263,7 +284,6 @@ def teacher_rationale_fn(teacher: str | os.PathLike, *, max_new_tokens: int = 64
         text = tok.decode(new, skip_special_tokens=True).strip()
         return text or None
 
-    del batch_size  # one prompt at a time: banks hold a handful of exemplars per task
     return fn
 
 
@@ -323,7 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--out", required=True, help="bank file to write")
     build.add_argument("--per-task", type=int, default=8, help="exemplars per task")
     build.add_argument("--teacher", default=None,
-                       help="HF or converted checkpoint dir whose model writes the rationales")
+                       help="a model that writes the rationales: an HF dir (decoder or Llava) or the output "
+                            "of python -m emollm_jax.convert")
+    build.add_argument("--teacher-tokenizer", default=None,
+                       help="the teacher's tokenizer (default: the teacher dir, or the HF dir it was "
+                            "converted from)")
     build.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     if args.per_task <= 0:
@@ -331,7 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = _read_records(args.records)
     rationale = None
     if args.teacher:
-        rationale = teacher_rationale_fn(args.teacher, max_new_tokens=args.max_new_tokens)
+        try:
+            rationale = teacher_rationale_fn(args.teacher, tokenizer=args.teacher_tokenizer,
+                                             max_new_tokens=args.max_new_tokens)
+        except ValueError as e:
+            parser.error(str(e))
     bank = build_from_records(records, args.per_task, rationale=rationale)
     if not bank:
         print(f"{args.records}: no record has a rationale (and no --teacher given); nothing written",

@@ -331,7 +331,7 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     from emollm_jax.train import abstract_model
 
     model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                        image_token_id=tokenizer.image_token_id)
+                                        image_token_id=tokenizer.image_token_id, init_from=init_from)
     graphdef, abstract, rest = abstract_model(model_cfg, int(config.seed))
     mesh = sharding.make_mesh(dict(config.mesh))
     shardings = sharding.logical_shardings(abstract, mesh, config.sharding_rules)

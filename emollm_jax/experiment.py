@@ -7,6 +7,7 @@ Shared by train, eval, predict and plan so they agree on the model a workdir hol
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -15,8 +16,11 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
+from emollm_jax import init_config, lora
 from emollm_jax.configuration import ConfigError, Section
+from emollm_jax.lora import LoRAConfig
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.pytree import flat_leaves
 
@@ -43,9 +47,13 @@ class DataSetup:
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 image_token_id: int | None = None, freeze_vision: bool = True) -> EmoLLMConfig:
-    """`EmoLLMConfig` from `config.model`; `vocab_size` / `image_token_id` fill the "from tokenizer" values
-    (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would fall off it)."""
+                 image_token_id: int | None = None, freeze_vision: bool = True,
+                 init_from: str | None = None) -> EmoLLMConfig:
+    """`EmoLLMConfig` from `config.model`, its parts filled from the pretrained checkpoints' own configs
+    (`init_config.resolve`), with `config.lora`'s adapters; `vocab_size` / `image_token_id` fill the "from
+    tokenizer" values (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would
+    fall off it)."""
+    config = init_config.resolve(config, init_from)
     m = config.model
     vocab = int(m.text.vocab_size)
     if vocab <= 0:
@@ -59,7 +67,9 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     image_id = image_token_id if image_token_id is not None else m.image_token_id
     if image_id == -1:
         raise ValueError("config.model.image_token_id is -1 (from tokenizer) but no tokenizer was given")
-    return EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, freeze_vision=freeze_vision)
+    cfg = EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, freeze_vision=freeze_vision)
+    adapters = LoRAConfig.from_config(config.lora, "lora") if "lora" in config else None
+    return dataclasses.replace(cfg, lora=adapters if adapters is not None and adapters.enabled else None)
 
 
 def _record_texts(root: str, split: str, template: str = "vicuna_v1", *, sources: Sequence[Any] = (),
@@ -132,6 +142,12 @@ def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
             raise ConfigError(f"{name}={value}: no such file or directory")
 
 
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> str:
+    """The run's tokenizer: `config.data.tokenizer`, else the pretrained decoder's (`init.llm` / `init.hf`),
+    else the tiny one trained into `<workdir>/tokenizer`."""
+    return config.data.tokenizer or config.init.llm or config.init.hf or str(Path(workdir) / "tokenizer")
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataSetup:
     """Data root and tokenizer path; generates mini-EmoBench when the config names no data (neither
     `data.root` nor `data.sources` of the training split) and trains the tiny tokenizer on the valid training
@@ -146,7 +162,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     tokenizer_keys = (("data.tokenizer", config.data.tokenizer), ("init.llm", config.init.llm),
                       ("init.hf", config.init.hf))
     tok_key = next((key for key, value in tokenizer_keys if value), None)
-    tok_path = config.data.tokenizer or config.init.llm or config.init.hf or str(workdir / "tokenizer")
+    tok_path = tokenizer_path(config, workdir)
     must_generate = not named and not (workdir / "data" / "card.json").exists()
     must_tokenize = not (config.data.tokenizer or config.init.llm or config.init.hf) and not (
         Path(tok_path) / "tokenizer.json").exists()
@@ -187,12 +203,37 @@ def load_tokenizer(setup: DataSetup):
 
 
 def new_model(cfg: EmoLLMConfig, seed: int) -> EmoLLM:
-    return EmoLLM(cfg, rngs=nnx_rngs(seed))
+    """The run's model: `cfg`'s parts with random weights from `seed`, and its LoRA adapters (`cfg.lora`).
+    Every mode builds its model here (training, its abstract shapes, evaluation, prediction, the plan)."""
+    model = EmoLLM(cfg, rngs=nnx_rngs(seed))
+    if cfg.lora is not None:
+        lora.apply_config(model, cfg.lora, seed)
+    return model
 
 
-def nnx_rngs(seed: int):
-    from flax import nnx
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> tuple[EmoLLM, ml_collections.ConfigDict]:
+    """(model, config) of a training run: `<workdir>/config.json`, the run's tokenizer (for the vocabulary)
+    and the params of checkpoint `step` (default: the latest), adapters included."""
+    from emollm_jax.checkpoint import restore_params
 
+    workdir = Path(workdir)
+    try:
+        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{workdir}: no config.json; not a training run's workdir") from None
+    image_id = int(config.model.image_token_id)
+    setup = DataSetup(root=config.data.root, tokenizer_path=tokenizer_path(config, workdir),
+                      image_token_id=None if image_id == -1 else image_id)
+    tokenizer = load_tokenizer(setup)
+    cfg = model_config(config, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    model = new_model(cfg, int(config.seed))
+    ckpt = workdir / "checkpoints" / (str(step) if step is not None else "")
+    nnx.update(model, restore_params(ckpt, nnx.state(model, nnx.Param), None))
+    log.info("loaded %s (%d LoRA adapters)", ckpt, len(lora.adapters(model)))
+    return model, config
+
+
+def nnx_rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(params=seed)
 
 
@@ -200,54 +241,91 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
                          init_from: str | None = None) -> None:
     """Overwrites `model`'s parameters in place from `--init_from` / `config.init.*`.
 
-    `hf` / `init_from`: a whole-model HF dir (LLaVA layout) or the conversion CLI's orbax output; `llm` and
-    `vision`: HF dirs for one tower each (LLaVA-1.5 recipe: pretrained towers, fresh projector); `params`: an
-    orbax params-only checkpoint of this EmoLLM.
+    `hf` / `init_from`: a whole model: an HF dir (LLaVA layout), the conversion CLI's output, or an orbax
+    params checkpoint of this EmoLLM; `llm` and `vision`: one tower each, from an HF or converted dir of the
+    tower alone or of a whole LLaVA (LLaVA-1.5 recipe: pretrained towers, fresh projector), taking the place
+    of the whole model's tower; `params`: an orbax params checkpoint of this EmoLLM. A whole model under
+    another projector gives its towers only. LoRA adapters are taken from a checkpoint that has them, and
+    otherwise start fresh (B = 0).
     """
-    from flax import nnx
-
     whole = init_from or config.init.hf
-    sources = []
+    towers = [part for part in ("llm", "vision") if config.init[part]]
     if whole:
-        sources.append(("", whole))
-    if config.init.llm:
-        sources.append(("llm", config.init.llm))
-    if config.init.vision:
-        sources.append(("vision", config.init.vision))
-    for part, path in sources:
-        target = getattr(model, part) if part else model
-        if Path(path).is_dir() and (Path(path) / "config.json").exists():
-            from emollm_jax.convert import load_hf
-
-            loaded = load_hf(path, dtype=model.config.text.param_dtype)
-            if part == "vision" and hasattr(loaded, "vision"):
-                loaded = loaded.vision
-            if not part and _projector_differs(loaded, model):
-                # A LLaVA checkpoint under an MVP (or other) projector: take its two towers, keep the
-                # configured projector freshly initialised (LLaVA-1.5's recipe for a new projector).
-                log.info("%s has a %s projector, the config a %s one: loading the towers only", path,
-                         loaded.config.projector.kind, model.config.projector.kind)
-                for tower in ("llm", "vision"):
-                    new = nnx.state(getattr(loaded, tower), nnx.Param)
-                    _check_same_shapes(nnx.state(getattr(model, tower), nnx.Param), new,
-                                       f"init_from={path} ({tower})")
-                    nnx.update(getattr(model, tower), new)
-                continue
-            new = nnx.state(loaded, nnx.Param)
-        else:
-            from emollm_jax.checkpoint import restore_params
-
-            new = restore_params(path, nnx.state(target, nnx.Param), None)
-        old = nnx.state(target, nnx.Param)
-        _check_same_shapes(old, new, f"{'config.init.' + part if part else 'init_from'}={path}")
-        nnx.update(target, new)
-        log.info("loaded %s weights from %s", part or "model", path)
+        key = "init_from" if init_from else "config.init.hf"
+        _load_whole(model, whole, skip=towers, where=f"{key}={whole}")
+    for part in towers:
+        _load_part(model, part, config.init[part], f"config.init.{part}={config.init[part]}")
     if config.init.params:
-        from emollm_jax.checkpoint import restore_params
-
-        new = restore_params(config.init.params, nnx.state(model, nnx.Param), None)
-        nnx.update(model, new)
+        _restore_into(model, config.init.params, f"config.init.params={config.init.params}")
         log.info("loaded params from %s", config.init.params)
+
+
+_BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # the parameters a checkpoint without adapters holds
+
+
+def read_model(path: str | os.PathLike, dtype: str | None = None) -> Any | None:
+    """The model an HF dir or a converted dir (`python -m emollm_jax.convert` output) holds, or None for
+    anything else (an orbax params checkpoint needs a target to restore into)."""
+    from emollm_jax.convert.orbax_params import load_model_dir
+
+    return load_model_dir(path, dtype=dtype)
+
+
+def _load_whole(model: EmoLLM, path: str, skip: list[str], where: str) -> None:
+    """A whole model into `model`, but for the towers in `skip` (another source gives them)."""
+    loaded = read_model(path, dtype=model.config.text.param_dtype)
+    if loaded is None:
+        _restore_into(model, path, where)
+        log.info("loaded model weights from %s", path)
+        return
+    if not isinstance(loaded, EmoLLM):
+        raise ValueError(f"{where}: holds a {type(loaded).__name__}, not a whole EmoLLM / Llava; give a "
+                         "decoder as config.init.llm and a tower as config.init.vision")
+    parts = [p for p in ("vision", "projector", "llm") if p not in skip]
+    if _projector_differs(loaded, model):
+        # A LLaVA checkpoint under an MVP (or other) projector: take its towers, keep the configured
+        # projector freshly initialised (LLaVA-1.5's recipe for a new projector).
+        log.info("%s has a %s projector, the config a %s one: loading the towers only, the projector "
+                 "starts fresh", path, loaded.config.projector.kind, model.config.projector.kind)
+        parts.remove("projector")
+    for part in parts:
+        _update_base(getattr(model, part), getattr(loaded, part), f"{where} ({part})")
+    log.info("loaded %s weights from %s", " + ".join(parts), path)
+
+
+def _load_part(model: EmoLLM, part: str, path: str, where: str) -> None:
+    """One tower ("llm", "vision") from `path`: that tower alone, a whole LLaVA's, or a params checkpoint."""
+    target = getattr(model, part)
+    loaded = read_model(path, dtype=model.config.text.param_dtype)
+    if loaded is None:
+        _restore_into(target, path, where)
+    else:
+        if isinstance(loaded, EmoLLM):
+            loaded = getattr(loaded, part)  # one tower of a whole LLaVA
+        _update_base(target, loaded, where)
+    log.info("loaded %s weights from %s", part, path)
+
+
+def _update_base(target: nnx.Module, loaded: nnx.Module, where: str) -> None:
+    """`loaded`'s parameters into `target`'s non-adapter ones (same paths and shapes), in `target`'s
+    dtypes."""
+    old, new = nnx.state(target, _BASE), nnx.state(loaded, nnx.Param)
+    _check_same_shapes(old, new, where)
+    nnx.update(target, jax.tree.map(lambda o, n: n.astype(o.dtype), old, new))
+
+
+def _restore_into(target: nnx.Module, path: str, where: str) -> None:
+    """An orbax params checkpoint into `target`: with its adapters when it has them."""
+    from emollm_jax.checkpoint import restore_params
+
+    try:
+        new = restore_params(path, nnx.state(target, nnx.Param), None)
+    except KeyError:
+        if not lora.has_adapters(target):
+            raise
+        new = restore_params(path, nnx.state(target, _BASE), None)
+        log.info("%s holds no LoRA adapters: they start fresh", where)
+    nnx.update(target, new)
 
 
 def _projector_differs(loaded: Any, model: EmoLLM) -> bool:

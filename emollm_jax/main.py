@@ -115,9 +115,10 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
 
     import jax
 
-    from emollm_jax import sharding
+    from emollm_jax import init_config, sharding
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    config = init_config.resolve(config, FLAGS.init_from)  # the model blocks a pretrained checkpoint implies
     run_config.validate_config(config, jax.device_count())
     logs.configure(FLAGS.verbosity, jax.process_index())
     workdir = os.path.abspath(FLAGS.workdir)

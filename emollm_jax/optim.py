@@ -88,6 +88,12 @@ def param_group(path: Sequence[Any]) -> str:
     return _TOP_LEVEL.get(keys[0], "llm") if keys else "llm"
 
 
+def trains_vision(trainable: Sequence[str], lora: Any = None) -> bool:
+    """Whether a stage training the groups `trainable` updates a parameter inside the vision tower: the
+    tower itself, or its LoRA adapters (`lora`: the model's `LoRAConfig` or None)."""
+    return "vision" in trainable or ("lora" in trainable and bool(lora is not None and lora.vision_targets))
+
+
 def group_labels(tree: Any) -> Any:
     """The same tree with every leaf replaced by its `param_group` name."""
     return jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), tree)

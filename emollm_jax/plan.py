@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from emollm_jax import experiment, sharding, train
-from emollm_jax.configuration import Section
+from emollm_jax.configuration import Section, apply_overrides
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
@@ -129,50 +129,64 @@ def decoder_layer_bytes(st: train.StageState, micro_batch: int, seq_len: int, me
 
 
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:
-    """Memory plan of every stage for `config.mesh` over the first `num_devices` devices."""
+    """Memory plan of every stage for `config.mesh` over the first `num_devices` devices. A stage that trains
+    LoRA adapters is followed by the same stage as full fine-tuning (the decoder trained instead of its
+    adapters, none added), named "<stage> (full fine-tuning)"."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    plans = []
+    for index, name in enumerate(config.stage_order):
+        plans.append(_stage_plan(config, index, mesh))
+        trainable = tuple(config.stages[name].trainable)
+        if "lora" in trainable:
+            full = tuple(dict.fromkeys("llm" if g == "lora" else g for g in trainable))
+            full_config = apply_overrides(config, {"lora.rank": 0, f"stages.{name}.trainable": full})
+            plans.append(dataclasses.replace(_stage_plan(full_config, index, mesh),
+                                             stage=f"{name} (full fine-tuning)"))
+    return plans
+
+
+def _stage_plan(config: ml_collections.ConfigDict, index: int, mesh) -> StagePlan:
+    """The plan of stage `config.stage_order[index]` (see the module docstring for the remat correction)."""
     vocab = int(config.model.text.vocab_size) or 512  # tiny: the tokenizer decides; 512 is a stand-in
     image_id = int(config.model.image_token_id) if config.model.image_token_id != -1 else vocab - 1
     base_cfg = experiment.model_config(config, vocab_size=vocab, image_token_id=image_id)
     depth = base_cfg.text.num_layers
     shallow = int(config.plan.shallow_layers)
     seq = int(config.data.max_len)
-    plans = []
-    for index, name in enumerate(config.stage_order):
-        stage = config.stages[name]
-        micro = stage.batch_size // stage.grad_accum
-        st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
-        if base_cfg.text.remat and depth > 1:
-            cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
-            compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
-            stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
-            temp = _temp(compiled) + (depth - 1) * (stash + grads)
-            note = (f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
-                    f"{grads / GiB:.3f} GiB)")
-        elif 0 < shallow and 2 * shallow < depth:
-            temps, times = [], []
-            for layers in (shallow, 2 * shallow):
-                text = dataclasses.replace(base_cfg.text, num_layers=layers)
-                cfg = dataclasses.replace(base_cfg, text=text)
-                compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
-                temps.append(_temp(compiled))
-                times.append(secs)
-            per_layer = (temps[1] - temps[0]) / shallow
-            temp = temps[0] + per_layer * (depth - shallow)
-            compile_s = sum(times)
-            note = (f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: "
-                    f"{per_layer / GiB:.3f} GiB/layer")
-        else:
-            compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
-            temp, note = _temp(compiled), "full-depth compile"
-        note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps); " + note
-        batch = abstract_batch(config, micro, mesh)
-        p = _sharded_bytes(st.abstract_params, st.param_shardings)
-        o = _sharded_bytes(st.abstract_opt, st.opt_shardings)
-        b = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
-        plans.append(StagePlan(name, p, o, b, temp, p + o + b + temp, compile_s, note))
-    return plans
+    name = config.stage_order[index]
+    stage = config.stages[name]
+    micro = stage.batch_size // stage.grad_accum
+    st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
+    if base_cfg.text.remat and depth > 1:
+        cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
+        compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
+        stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
+        temp = _temp(compiled) + (depth - 1) * (stash + grads)
+        note = (f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
+                f"{grads / GiB:.3f} GiB)")
+    elif 0 < shallow and 2 * shallow < depth:
+        temps, times = [], []
+        for layers in (shallow, 2 * shallow):
+            text = dataclasses.replace(base_cfg.text, num_layers=layers)
+            cfg = dataclasses.replace(base_cfg, text=text)
+            compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
+            temps.append(_temp(compiled))
+            times.append(secs)
+        per_layer = (temps[1] - temps[0]) / shallow
+        temp = temps[0] + per_layer * (depth - shallow)
+        compile_s = sum(times)
+        note = (f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: "
+                f"{per_layer / GiB:.3f} GiB/layer")
+    else:
+        compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+        temp, note = _temp(compiled), "full-depth compile"
+    note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps); " + note
+    batch = abstract_batch(config, micro, mesh)
+    p = _sharded_bytes(st.abstract_params, st.param_shardings)
+    o = _sharded_bytes(st.abstract_opt, st.opt_shardings)
+    b = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
+    return StagePlan(name, p, o, b, temp, p + o + b + temp, compile_s, note)
 
 
 def run_plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:

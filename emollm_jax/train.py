@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from emollm_jax import experiment, flops, sharding
+from emollm_jax import experiment, flops, lora, sharding
 from emollm_jax.configuration import Section
 from emollm_jax.data import stage_stream
 from emollm_jax.hooks import (
@@ -192,13 +192,16 @@ def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tu
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-                    trainable: Any, loss_chunk: int = 0) -> Callable:
+                    trainable: Any, loss_chunk: int = 0, seed: int = 0) -> Callable:
     """Pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`; `trainable` is a bool tree like
-    params (only trainable leaves enter the reported grad norm)."""
+    params (only trainable leaves enter the reported grad norm). LoRA dropout, when configured, draws its
+    masks from `seed` and the batch (`lora.batch_key`)."""
 
     def step(params, opt_state, batch):
         def loss_of(p):
-            return model_loss(nnx.merge(graphdef, p, rest), batch, loss_chunk)
+            model = nnx.merge(graphdef, p, rest)
+            lora.set_dropout_key(model, lora.batch_key(seed, batch["input_ids"]))
+            return model_loss(model, batch, loss_chunk)
 
         (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         trained = jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
@@ -245,13 +248,14 @@ def abstract_model(model_cfg: EmoLLMConfig, seed: int = 0) -> tuple[nnx.GraphDef
 def build_stage(config: ml_collections.ConfigDict, index: int, base_cfg: EmoLLMConfig,
                 mesh: jax.sharding.Mesh, total_steps: int) -> StageState:
     """Optimizer, shardings and the jitted step for stage `config.stage_order[index]`. The vision tower sits
-    under stop_gradient unless the stage trains it, so frozen-tower stages skip its backward pass."""
-    from emollm_jax.optim import make_optimizer
+    under stop_gradient unless the stage trains it (or its adapters), so frozen-tower stages skip its
+    backward pass."""
+    from emollm_jax.optim import make_optimizer, trains_vision
 
     name = config.stage_order[index]
     stage = config.stages[name]
     trainable = tuple(stage.trainable)
-    model_cfg = dataclasses.replace(base_cfg, freeze_vision="vision" not in trainable)
+    model_cfg = dataclasses.replace(base_cfg, freeze_vision=not trains_vision(trainable, base_cfg.lora))
     graphdef, abstract_params, rest = abstract_model(model_cfg, config.seed)
     opt = make_optimizer(stage, abstract_params, total_steps)
     tx, lr_fn = opt.tx, opt.lr_fn
@@ -259,7 +263,7 @@ def build_stage(config: ml_collections.ConfigDict, index: int, base_cfg: EmoLLMC
     param_sh = sharding.logical_shardings(abstract_params, mesh, config.sharding_rules)
     opt_sh = sharding.optimizer_shardings(abstract_opt, param_sh, mesh)
     mask = opt.trainable_mask(abstract_params)
-    step = make_train_step(graphdef, rest, tx, mask, int(config.train.loss_chunk))
+    step = make_train_step(graphdef, rest, tx, mask, int(config.train.loss_chunk), int(config.seed))
     step_fn = jax.jit(step, in_shardings=(param_sh, opt_sh, sharding.data_sharding(mesh)),
                       out_shardings=(param_sh, opt_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
     return StageState(name, index, total_steps, int(opt.grad_accum), tx, lr_fn, trainable, model_cfg,
@@ -382,7 +386,7 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
     setup = experiment.prepare_data(config, workdir)
     tokenizer = experiment.load_tokenizer(setup)
     base_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                       image_token_id=tokenizer.image_token_id)
+                                       image_token_id=tokenizer.image_token_id, init_from=init_from)
     ckpt = Checkpointer(workdir_p / "checkpoints", max_to_keep=int(config.train.max_to_keep),
                         save_interval_steps=int(config.train.checkpoint_every))
     peak, peak_source = flops.device_peak_flops()

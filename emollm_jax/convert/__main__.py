@@ -2,7 +2,10 @@
 
 Without --to_hf: HF directory -> params-only orbax checkpoint (layout in `orbax_params`).
 With --to_hf: HF directory -> HF directory in the transformers-5 layout (re-keys older layouts, casts dtype,
-re-shards files); with --ckpt DIR instead of --hf_dir, a checkpoint written by this tool -> HF directory.
+re-shards files); with --ckpt DIR instead of --hf_dir, a checkpoint written by this tool -> HF directory;
+with --workdir DIR, a training run (its config.json and latest checkpoint, or --step) -> HF directory, its
+LoRA adapters merged into the weights. --lora_only (with --workdir) writes the adapters alone in PEFT's
+layout (adapter_config.json + adapter_model.safetensors) instead.
 An original-LLaVA directory (decoder + `model.mm_projector.*`) needs its CLIP tower too: `--clip_dir DIR`.
 
 --out is never written over what this tool did not write: an existing non-empty directory is refused unless
@@ -24,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf_dir", help="HF model directory (config.json + safetensors)")
     src.add_argument("--ckpt", help="params checkpoint written by this tool (only with --to_hf)")
+    src.add_argument("--workdir", help="a training run's workdir (with --to_hf or --lora_only)")
+    p.add_argument("--step", type=int, default=None, help="--workdir: checkpoint step (default: latest)")
+    p.add_argument("--lora_only", action="store_true", help="write the LoRA adapters alone (PEFT layout)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out this tool wrote")
     p.add_argument("--dtype", default=None, help=f"parameter dtype: {', '.join(DTYPES)} (default: float32)")
@@ -42,9 +48,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     if args.ckpt and not args.to_hf:
         p.error("--ckpt needs --to_hf")
+    if args.lora_only and not args.workdir:
+        p.error("--lora_only needs --workdir")
+    if args.workdir and not (args.to_hf or args.lora_only):
+        p.error("--workdir needs --to_hf or --lora_only")
     if args.clip_dir and not args.hf_dir:
         p.error("--clip_dir goes with --hf_dir")
-    for flag in ("hf_dir", "ckpt", "clip_dir"):
+    for flag in ("hf_dir", "ckpt", "clip_dir", "workdir"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_dir():
             p.error(f"--{flag} {value}: {'not a directory' if Path(value).exists() else 'no such directory'}")
@@ -56,6 +66,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.max_shard_gb > 0:
         p.error(f"--max_shard_gb {args.max_shard_gb}: must be positive")
     sources = [(f"--{f}", getattr(args, f)) for f in ("hf_dir", "ckpt", "clip_dir") if getattr(args, f)]
+    if args.workdir and Path(args.workdir).resolve().is_relative_to(Path(args.out).resolve()):
+        p.error(f"--out {args.out}: is or contains --workdir {args.workdir}")  # inside it is fine
     try:
         check_output_dir(args.out, overwrite=args.overwrite, sources=sources, overwrite_hint="--overwrite")
     except OutputDirError as e:
@@ -91,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     from emollm_jax.convert.safetensors_io import CheckpointError
     from emollm_jax.outdir import OutputDirError
 
+    if args.workdir:
+        try:
+            return _export_run(args)
+        except (ValueError, FileNotFoundError) as e:  # no HF form, no adapters, not a run's workdir
+            p.exit(2, f"error: {e}\n")
+        except OutputDirError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            return 1
     try:
         convert(args)
     except (CheckpointError, OutputDirError) as e:
@@ -129,6 +149,25 @@ def convert(args: argparse.Namespace) -> None:
         assert detect_family(hf_config, keys, args.hf_dir).name == family
     save_params(model, args.out, family=family, hf_config=hf_config, dtype=args.dtype, source=args.hf_dir,
                 overwrite=args.overwrite)
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    """--workdir: the run's model, merged into an HF directory or its adapters alone."""
+    from emollm_jax.convert.export import save_hf, save_peft
+    from emollm_jax.experiment import load_run
+
+    model, config = load_run(args.workdir, args.step)
+    if args.lora_only:
+        save_peft(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        others = sorted({g for s in config.stage_order for g in config.stages[s].trainable} - {"lora"})
+        if others:
+            print(f"note: the run also trained {others}; those weights are not in the adapter file "
+                  "(--to_hf writes the whole model)", file=sys.stderr)
+    else:
+        save_hf(model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -192,6 +192,19 @@ def llava_key_map(
     )
 
 
+def llava_module_map(config: EmoLLMConfig) -> KeyMap:
+    """Our paths -> the parameter names of transformers' ``LlavaForConditionalGeneration`` in memory
+    (``model.language_model.*``, ``lm_head.weight``, ``model.vision_tower.*``,
+    ``model.multi_modal_projector.*``): what PEFT adapter files are keyed by, while ``save_pretrained``
+    writes the layout `llava_key_map` gives without keys."""
+    body, head = _LM_LAYOUTS[1]
+    return (
+        decoder_map(config.text, body, head)
+        + KeyMap.table(config.vision.hf_key_table()).with_prefix(_VISION_PREFIXES[2], "vision.")
+        + KeyMap.table(config.projector.hf_key_table()).with_prefix(_PROJECTOR_PREFIXES[1], "projector.")
+    )
+
+
 def _matches(hf: Mapping[str, Any], keys: set[str]) -> bool:
     return (
         hf.get("model_type") == "llava"

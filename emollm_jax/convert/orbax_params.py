@@ -22,7 +22,7 @@ from flax import nnx
 
 from emollm_jax import integrity
 from emollm_jax.convert.core import abstract_model
-from emollm_jax.convert.hf import families
+from emollm_jax.convert.hf import families, load_hf
 from emollm_jax.convert.safetensors_io import AtomicDir, CheckpointError
 
 
@@ -78,3 +78,30 @@ def load_params(path: str | Path, *, shardings: Any = None) -> nnx.Module:
         raise CheckpointError(f"checkpoint is damaged: {e}") from e
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def is_converted(path: str | Path) -> bool:
+    """Whether `path` is a directory `save_params` wrote."""
+    return (Path(path) / "convert.json").is_file()
+
+
+def load_model_dir(path: str | Path, dtype: str | None = None) -> nnx.Module | None:
+    """The model an HF directory (config.json) or a converted one (`save_params`: convert.json) holds, or
+    None for any other path (e.g. an orbax params checkpoint, which needs a target model to restore into).
+    `dtype` casts an HF directory's floating tensors; a converted one keeps the dtype it was written in."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return load_hf(path, dtype=dtype)
+    if is_converted(path):
+        return load_params(path)
+    return None
+
+
+def source_dir(path: str | Path) -> Path:
+    """The HF directory a converted checkpoint was made from (its tokenizer lives there), else `path`."""
+    path = Path(path)
+    if is_converted(path):
+        source = json.loads((path / "convert.json").read_text()).get("source")
+        if source:
+            return Path(source)
+    return path

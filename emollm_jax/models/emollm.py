@@ -37,6 +37,7 @@ from emollm_jax.models.parts import (
 )
 
 if TYPE_CHECKING:
+    from emollm_jax.lora import LoRAConfig
     from emollm_jax.models.llama import KVCache
 
 
@@ -53,6 +54,7 @@ class EmoLLMConfig:
     vision_feature_select: str = "patch"  # "patch" (drop the first token, HF's "default") | "full"
     video_pooling: str = "concat"  # "concat": frames' tokens concatenated | "mean": averaged over frames
     freeze_vision: bool = True  # stop_gradient on the tower's output
+    lora: LoRAConfig | None = None  # adapters `experiment.new_model` adds (`config.lora`); None: none
 
     def __post_init__(self):
         def fail(field: str, value: Any, why: str):
