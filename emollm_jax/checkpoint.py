@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from emollm_jax.models import stack
 from emollm_jax.pytree import path_str
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,9 @@ def _params_dir(path: Path) -> Path:
 def restore_params(path_or_dir: str | Path, abstract_params: Any, shardings: Any | None = None) -> Any:
     """Params only, placed on `shardings`; in the layout of `abstract_params` (nnx.State or pure dict).
 
-    Reads params-only checkpoints (`save_params`, the conversion CLI) and training checkpoints alike.
+    Reads params-only checkpoints (`save_params`, the conversion CLI) and training checkpoints alike, and
+    layer stacks saved in either layout: unrolled (`scan_layers=False`) params load into a scanned model and
+    back (`emollm_jax.models.stack.relayout`).
     """
     path = _params_dir(Path(path_or_dir).absolute())
     target = _target(abstract_params, shardings)
@@ -249,7 +252,25 @@ def restore_params(path_or_dir: str | Path, abstract_params: Any, shardings: Any
         saved = handler.metadata(path).tree
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: not an orbax params checkpoint ({e})") from e
-    _check_keys(saved, target, str(path))
+    as_saved = _in_saved_layout(saved, target, str(path))
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path, target)
+        restored = ckptr.restore(path, target if as_saved is None else as_saved)
+    if as_saved is not None:  # saved with the layer stacks in the other layout (unrolled vs scanned)
+        restored = stack.relayout(restored, target)
+        restored = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), restored, target)
     return _rebuild(abstract_params, restored)
+
+
+def _in_saved_layout(saved: Any, target: Any, where: str) -> Any | None:
+    """None when `saved` and `target` have the same keys; else the target in the checkpoint's layer layout
+    (`models.stack.relayout_abstract`) when that is all that differs; else the key error."""
+    try:
+        _check_keys(saved, target, where)
+        return None
+    except KeyError as e:
+        try:
+            as_saved = stack.relayout_abstract(target, saved)
+            _check_keys(saved, as_saved, where)
+        except KeyError:
+            raise e from None
+        return as_saved

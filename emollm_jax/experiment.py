@@ -172,12 +172,12 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
                 log.info("%s has a %s projector, the config a %s one: loading the towers only", path,
                          loaded.config.projector.kind, model.config.projector.kind)
                 for tower in ("llm", "vision"):
-                    new = nnx.state(getattr(loaded, tower), nnx.Param)
-                    _check_same_shapes(nnx.state(getattr(model, tower), nnx.Param), new,
-                                       f"init_from={path} ({tower})")
+                    old = nnx.state(getattr(model, tower), nnx.Param)
+                    new = _as_layout(nnx.state(getattr(loaded, tower), nnx.Param), old)
+                    _check_same_shapes(old, new, f"init_from={path} ({tower})")
                     nnx.update(getattr(model, tower), new)
                 continue
-            new = nnx.state(loaded, nnx.Param)
+            new = _as_layout(nnx.state(loaded, nnx.Param), nnx.state(target, nnx.Param))
         else:
             from emollm_jax.checkpoint import restore_params
 
@@ -192,6 +192,17 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
         new = restore_params(config.init.params, nnx.state(model, nnx.Param), None)
         nnx.update(model, new)
         log.info("loaded params from %s", config.init.params)
+
+
+def _as_layout(new: Any, old: Any) -> Any:
+    """`new` with its layer stacks in `old`'s layout (a checkpoint's unrolled layers into a model with
+    `scan_layers`, or back); as it is when anything else differs (`_check_same_shapes` then names it)."""
+    from emollm_jax.models import stack
+
+    try:
+        return stack.relayout_state(new, old)
+    except (KeyError, ValueError):
+        return new
 
 
 def _projector_differs(loaded: Any, model: EmoLLM) -> bool:

@@ -4,7 +4,9 @@
 that keeps the very same `kernel`/`bias` Params (so their state paths and checkpoints are unchanged) and adds
 `lora.a: [in, r]`, `lora.b: [r, out]`: y = x W + b + (alpha / r) * x A B. B starts at zero, so the model's
 output is unchanged until training moves it. The adapters sit under a `lora` attribute, which is how
-`emollm_jax.optim.param_group` puts them in the "lora" group.
+`emollm_jax.optim.param_group` puts them in the "lora" group. In a scanned layer stack (`scan_layers`) a
+targeted projection is one Linear whose kernel is stacked [L, in, out]; its adapters are stacked the same
+way ([L, in, r], [L, r, out], leading logical axis `layers`), so each scanned layer reads its own row.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class LoRA(nnx.Module):
         alpha: float,
         *,
         names: tuple[str | None, str | None] = (None, None),
+        stack: tuple[tuple[int, str | None], ...] = (),
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -57,12 +60,16 @@ class LoRA(nnx.Module):
         self.scale = float(alpha) / rank
         self.dtype = dtype
         # A like a fresh nn.Linear (Kaiming-uniform, as peft does), B zero: the update starts at exactly zero.
-        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        # `stack`: (size, logical name) of leading axes (a scanned layer stack), each row its own adapter.
+        sizes, lead = tuple(n for n, _ in stack), tuple(name for _, name in stack)
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                   batch_axis=tuple(range(len(sizes))))
         self.a = nnx.LoRAParam(
-            a_init(rngs.params(), (in_features, rank), param_dtype), out_sharding=(names[0], "lora_rank")
+            a_init(rngs.params(), (*sizes, in_features, rank), param_dtype),
+            out_sharding=(*lead, names[0], "lora_rank"),
         )
         self.b = nnx.LoRAParam(
-            jnp.zeros((rank, out_features), param_dtype), out_sharding=("lora_rank", names[1])
+            jnp.zeros((*sizes, rank, out_features), param_dtype), out_sharding=(*lead, "lora_rank", names[1])
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,7 +78,7 @@ class LoRA(nnx.Module):
         return (x.astype(dtype) @ a) @ b * jnp.asarray(self.scale, dtype)
 
     def delta(self) -> jax.Array:
-        """float32[in, out]: the update folded into a kernel."""
+        """float32[..., in, out]: the update folded into a kernel (stacked like the adapters)."""
         return (self.a[...].astype(jnp.float32) @ self.b[...].astype(jnp.float32)) * self.scale
 
 
@@ -89,15 +96,16 @@ class LoRALinear(nnx.Linear):
         # Not calling nnx.Linear.__init__: that would allocate a new kernel; the base's is reused as is.
         _copy_linear_fields(self, base)
         shape = self.kernel[...].shape
-        if len(shape) != 2:
-            raise ValueError(f"LoRA needs a 2-D kernel [in, out], got {shape}")
-        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        if len(shape) < 2:
+            raise ValueError(f"LoRA needs a kernel [..., in, out], got {shape}")
+        names = tuple(base.kernel.get_metadata().get("out_sharding") or (None,) * len(shape))
         self.lora = LoRA(
-            shape[0],
-            shape[1],
+            shape[-2],
+            shape[-1],
             rank,
             alpha,
-            names=tuple(names),
+            names=names[-2:],
+            stack=tuple(zip(shape[:-2], names[:-2], strict=True)),
             dtype=self.dtype,
             param_dtype=self.kernel[...].dtype,
             rngs=rngs,

@@ -4,13 +4,17 @@ Each stage's step is compiled for the config's mesh over N devices (fake CPU dev
 `jax_num_cpu_devices` before JAX starts). Parameter, optimizer and batch bytes per device are exact (shapes x
 shardings). Activation / temporary bytes come from `compiled.memory_analysis()`, with one correction:
 
-XLA:CPU drops `jax.checkpoint`'s optimization barriers before CSE, so an unrolled remat'd layer stack is
-planned as if nothing were rematerialised (every layer's attention scores stay live). With `remat` on, the
-step is therefore compiled with one decoder layer (its whole working set: the layer's forward + backward, the
-head, the loss, the vision tower) and each further layer adds what remat really keeps on an accelerator: its
-input hidden state `[b, T, D]` plus its parameters' gradients (`decoder_layer_bytes`). Without remat, with
-`plan.shallow_layers=k`, the step is compiled at k and 2k layers and the difference extrapolated. CPU compiles
-remain a proxy for an accelerator's plan: fusion and layouts differ.
+With `model.text.scan_layers` the real program is compiled at full depth: inside a scan XLA keeps the
+rematerialisation as it is (the backward loop recomputes each layer from the saved layer inputs), so its
+memory analysis is the plan, for any `remat_policy`.
+
+XLA:CPU drops `jax.checkpoint`'s optimization barriers before CSE, so an UNROLLED remat'd layer stack is
+planned as if nothing were rematerialised (every layer's attention scores stay live). With `remat` on and no
+scan, the step is therefore compiled with one decoder layer (its whole working set: the layer's forward +
+backward, the head, the loss, the vision tower) and each further layer adds what remat really keeps on an
+accelerator: its input hidden state `[b, T, D]` plus its parameters' gradients (`decoder_layer_bytes`).
+Without remat, with `plan.shallow_layers=k`, the step is compiled at k and 2k layers and the difference
+extrapolated. CPU compiles remain a proxy for an accelerator's plan: fusion and layouts differ.
 """
 
 from __future__ import annotations
@@ -143,7 +147,10 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> l
         stage = config.stages[name]
         micro = stage.batch_size // stage.grad_accum
         st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
-        if base_cfg.text.remat and depth > 1:
+        if base_cfg.text.scan_layers:
+            compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+            temp, note = _temp(compiled), "scanned layers: full-depth compile"
+        elif base_cfg.text.remat and depth > 1:
             cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
             compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
             stash, grads = decoder_layer_bytes(st, micro, seq, mesh)

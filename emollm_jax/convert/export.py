@@ -19,15 +19,28 @@ _GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def hf_tensors(model: nnx.Module, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF key, numpy array) for every parameter, one at a time (gathered to host if sharded)."""
+    """Yields (HF key, numpy array) for every parameter, one at a time (gathered to host if sharded); a
+    scanned layer stack's parameter float[L, ...] gives its L HF tensors, one layer at a time."""
     fam = family_of(model)
     key_map = fam.export_map(model)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        hf_key, hook = key_map.to_hf(path_str(path))
-        arr = np.asarray(jax.device_get(var.get_value()))
+
+    def host(x: jax.Array) -> np.ndarray:
+        arr = np.asarray(jax.device_get(x))
         if dtype is not None and np.issubdtype(arr.dtype, np.floating):
             arr = arr.astype(np.dtype(dtype))
-        yield hf_key, hook.save(arr)
+        return arr
+
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        ours = path_str(path)
+        try:
+            hf_key, hook = key_map.to_hf(ours)
+        except KeyError:
+            pattern, hook = key_map.to_hf_stacked(ours)
+            value = var.get_value()
+            for i in range(value.shape[0]):
+                yield pattern.replace("{i}", str(i)), hook.save(host(value[i]))
+            continue
+        yield hf_key, hook.save(host(var.get_value()))
 
 
 def save_hf(
