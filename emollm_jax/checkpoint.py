@@ -268,9 +268,16 @@ def _in_saved_layout(saved: Any, target: Any, where: str) -> Any | None:
         _check_keys(saved, target, where)
         return None
     except KeyError as e:
-        try:
-            as_saved = stack.relayout_abstract(target, saved)
-            _check_keys(saved, as_saved, where)
-        except KeyError:
-            raise e from None
-        return as_saved
+        error = e
+    try:
+        as_saved = stack.relayout_abstract(target, saved)
+        _check_keys(saved, as_saved, where)
+    except KeyError:
+        raise error from None
+    flat_saved = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    for p, want in jax.tree_util.tree_leaves_with_path(as_saved):
+        have = tuple(flat_saved[path_str(p)].shape)
+        if have != tuple(want.shape):
+            raise ValueError(f"{where}: {path_str(p)} has shape {have} in the checkpoint, the target "
+                             f"{tuple(want.shape)} (after relayout of its layer stacks)")
+    return as_saved

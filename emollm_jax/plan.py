@@ -32,6 +32,7 @@ import numpy as np
 
 from emollm_jax import experiment, sharding, train
 from emollm_jax.configuration import Section
+from emollm_jax.models import attention
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,10 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> l
         else:
             compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
             temp, note = _temp(compiled), "full-depth compile"
-        note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps); " + note
+        text = base_cfg.text
+        impl = attention.resolve(text.attention, dtype=text.dtype, head_dim=text.dim_per_head, num_keys=seq)
+        remat = f"remat {text.remat_policy}" if text.remat else "no remat"
+        note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps), attention {impl}, {remat}; " + note
         batch = abstract_batch(config, micro, mesh)
         p = _sharded_bytes(st.abstract_params, st.param_shardings)
         o = _sharded_bytes(st.abstract_opt, st.opt_shardings)

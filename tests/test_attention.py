@@ -193,7 +193,8 @@ def test_clip_tower_blockwise_equals_plain(monkeypatch):
 
 
 def test_config_key_reaches_the_train_step():
-    """`--config.model.text.attention=blockwise` (and the tower's) through the real train step: same losses."""
+    """`--config.model.text.attention=blockwise` (and the tower's) through the real train step: same
+    losses."""
     from test_train import _batch
 
     losses = {}
