@@ -133,6 +133,36 @@ def decoder_layer_bytes(st: train.StageState, micro_batch: int, seq_len: int, me
     return float(stash), grads
 
 
+def _stage_temp(config: ml_collections.ConfigDict, index: int, base_cfg: Any, mesh: Any,
+                st: train.StageState, micro: int) -> tuple[float, float, str]:
+    """(activation/temp bytes per device, compile seconds, how they were found) of stage `index`."""
+    depth, seq = base_cfg.text.num_layers, int(config.data.max_len)
+    shallow = int(config.plan.shallow_layers)
+    if base_cfg.text.scan_layers:
+        compiled, _, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+        return _temp(compiled), compile_s, "scanned layers: full-depth compile"
+    if base_cfg.text.remat and depth > 1:
+        cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
+        compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
+        stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
+        return (_temp(compiled) + (depth - 1) * (stash + grads), compile_s,
+                f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
+                f"{grads / GiB:.3f} GiB)")
+    if 0 < shallow and 2 * shallow < depth:
+        temps, times = [], []
+        for layers in (shallow, 2 * shallow):
+            cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=layers))
+            compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
+            temps.append(_temp(compiled))
+            times.append(secs)
+        per_layer = (temps[1] - temps[0]) / shallow
+        return (temps[0] + per_layer * (depth - shallow), sum(times),
+                f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: {per_layer / GiB:.3f} "
+                "GiB/layer")
+    compiled, _, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+    return _temp(compiled), compile_s, "full-depth compile"
+
+
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:
     """Memory plan of every stage for `config.mesh` over the first `num_devices` devices."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -140,44 +170,17 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> l
     vocab = int(config.model.text.vocab_size) or 512  # tiny: the tokenizer decides; 512 is a stand-in
     image_id = int(config.model.image_token_id) if config.model.image_token_id != -1 else vocab - 1
     base_cfg = experiment.model_config(config, vocab_size=vocab, image_token_id=image_id)
-    depth = base_cfg.text.num_layers
-    shallow = int(config.plan.shallow_layers)
-    seq = int(config.data.max_len)
+    text = base_cfg.text
+    impl = attention.resolve(text.attention, dtype=text.dtype, head_dim=text.dim_per_head,
+                             num_keys=int(config.data.max_len))
+    how = f"attention {impl}, " + (f"remat {text.remat_policy}" if text.remat else "no remat")
     plans = []
     for index, name in enumerate(config.stage_order):
         stage = config.stages[name]
         micro = stage.batch_size // stage.grad_accum
         st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
-        if base_cfg.text.scan_layers:
-            compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
-            temp, note = _temp(compiled), "scanned layers: full-depth compile"
-        elif base_cfg.text.remat and depth > 1:
-            cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
-            compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
-            stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
-            temp = _temp(compiled) + (depth - 1) * (stash + grads)
-            note = (f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
-                    f"{grads / GiB:.3f} GiB)")
-        elif 0 < shallow and 2 * shallow < depth:
-            temps, times = [], []
-            for layers in (shallow, 2 * shallow):
-                text = dataclasses.replace(base_cfg.text, num_layers=layers)
-                cfg = dataclasses.replace(base_cfg, text=text)
-                compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
-                temps.append(_temp(compiled))
-                times.append(secs)
-            per_layer = (temps[1] - temps[0]) / shallow
-            temp = temps[0] + per_layer * (depth - shallow)
-            compile_s = sum(times)
-            note = (f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: "
-                    f"{per_layer / GiB:.3f} GiB/layer")
-        else:
-            compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
-            temp, note = _temp(compiled), "full-depth compile"
-        text = base_cfg.text
-        impl = attention.resolve(text.attention, dtype=text.dtype, head_dim=text.dim_per_head, num_keys=seq)
-        remat = f"remat {text.remat_policy}" if text.remat else "no remat"
-        note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps), attention {impl}, {remat}; " + note
+        temp, compile_s, note = _stage_temp(config, index, base_cfg, mesh, st, micro)
+        note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps), {how}; {note}"
         batch = abstract_batch(config, micro, mesh)
         p = _sharded_bytes(st.abstract_params, st.param_shardings)
         o = _sharded_bytes(st.abstract_opt, st.opt_shardings)
