@@ -192,6 +192,7 @@ def test_clip_tower_blockwise_equals_plain(monkeypatch):
                  nnx.to_pure_dict(out["blockwise"][1]), nnx.to_pure_dict(out["plain"][1]))
 
 
+@pytest.mark.slow  # full train-step compiles
 def test_config_key_reaches_the_train_step():
     """`--config.model.text.attention=blockwise` (and the tower's) through the real train step: same
     losses."""

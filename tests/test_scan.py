@@ -259,6 +259,7 @@ def _stage(config, mesh):
     return base, train.build_stage(config, 1, base, mesh, total_steps=10)
 
 
+@pytest.mark.slow  # full train-step compiles
 def test_train_step_scanned_equals_loop_and_loads_unrolled_params(tmp_path):
     """`model.text.scan_layers` / `model.vision.scan_layers` through the real step: the same losses; and
     `config.init.params` saved by the loop model loads into the scanned one."""
