@@ -285,3 +285,29 @@ def test_train_step_scanned_equals_loop_and_loads_unrolled_params(tmp_path):
             out.append(float(m["loss"]))
         losses[scan] = out
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_llava_scanned_matches_hf_logits_and_greedy_generation(tmp_path):
+    """Both towers scanned (`load_hf(..., scan_layers=True)`): HF parity of the logits with an image, and
+    greedy decoding through the scanned decoder's KV cache gives HF `generate`'s tokens."""
+    from test_llava import IMG, TEXT, VISION, _hf_logits, _inputs, _no_eos, _perturb
+
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION), text_config=transformers.LlamaConfig(**TEXT),
+        image_token_index=IMG)).eval()
+    _perturb(hf)
+    hf, path = _no_eos(hf), tmp_path
+    hf.save_pretrained(path)
+    ours = load_hf(path, scan_layers=True)
+    assert stack.is_scanned(ours.llm.model.layers) and stack.is_scanned(ours.vision.encoder.layers)
+    ids, nchw, nhwc = _inputs()
+    got = nnx.jit(lambda m, i, p: m(i, pixel_values=p))(ours, jnp.asarray(ids, jnp.int32), nhwc)
+    np.testing.assert_allclose(np.asarray(got), _hf_logits(hf, ids, nchw), atol=1e-4, rtol=0)
+    ids, nchw, nhwc = _inputs(seed=1, t=20, starts=(1, 3))
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                           pixel_values=torch.tensor(nchw), max_new_tokens=12, do_sample=False)
+    tokens = generate(ours, ids, mask, pixel_values=nhwc, max_new_tokens=12, eos_id=-1, pad_id=0)
+    np.testing.assert_array_equal(np.asarray(tokens), want[:, ids.shape[1]:].numpy())

@@ -235,8 +235,19 @@ def _scores(qi: jax.Array, kj: jax.Array) -> jax.Array:
     return jnp.einsum("bkgqd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32) / math.sqrt(d)
 
 
+def _tied(q: jax.Array, arrays: _BlockMask) -> tuple[jax.Array, _BlockMask]:
+    """q and the mask arrays through one optimization barrier, so the masks depend on q.
+
+    Inside a scan over layers the masks are loop-invariant; without this, JAX's partial evaluation of that
+    scan (for autodiff) computes every block's mask, and what follows from it alone, ahead of the loop,
+    stacking them as residuals: [T/bq, S/bk, ...block] arrays, the very [T, S] memory blocking avoids.
+    """
+    return jax.lax.optimization_barrier((q, arrays))
+
+
 def _forward(static: _Static, q, k, v, arrays: _BlockMask):
     """(out float[B, KVH, G, Tp, Dh], lse float32[B, KVH, G, Tp]): online softmax over key blocks."""
+    q, arrays = _tied(q, arrays)
     kb, vb = _blocks(k, static.bk, 2), _blocks(v, static.bk, 2)
     nk = kb.shape[0]
 
@@ -285,6 +296,7 @@ def _flash_fwd(static, q, k, v, arrays):
 def _flash_bwd(static, residuals, d_out):
     """FlashAttention-2's backward: per key block, dK and dV summed over query blocks, dQ per query block."""
     q, k, v, arrays, out, lse = residuals
+    q, arrays = _tied(q, arrays)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KVH, G, Tp]
     qb, dob = _blocks(q, static.bq, 3), _blocks(d_out.astype(q.dtype), static.bq, 3)
     lseb, deltab = _blocks(lse, static.bq, 3), _blocks(delta, static.bq, 3)
