@@ -115,6 +115,34 @@ def test_blockwise_skips_empty_blocks_and_keeps_no_scores():
     assert biggest <= B * H * t * D, biggest  # the size of q; plain attention keeps B * H * T * T
 
 
+def _largest_value(jaxpr) -> int:
+    """Elements of the largest value any equation of `jaxpr` (or of a jaxpr inside it) produces."""
+    sizes = [0]
+    for eqn in jaxpr.eqns:
+        sizes += [int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    sizes.append(_largest_value(inner))
+    return max(sizes)
+
+
+@pytest.mark.parametrize("impl", ["plain", "blockwise"])
+def test_no_score_sized_value_in_a_scanned_decoder_gradient(impl, monkeypatch):
+    """Inside a scan over layers the mask is loop-invariant; autodiff must still not precompute every
+    block's mask (or anything [T, S]) ahead of the loop. The plain path, for contrast, has [T, S] scores."""
+    monkeypatch.setattr(attention, "BLOCK_Q", 32)
+    monkeypatch.setattr(attention, "BLOCK_K", 32)
+    t = 256
+    model = _llama(attention=impl, scan_layers=True, remat=True)
+    ids = jnp.zeros((2, t), jnp.int32)
+    grad = nnx.grad(lambda m: jnp.sum(m(ids, attention_mask=jnp.ones_like(ids))[..., :2]))
+    largest = _largest_value(jax.make_jaxpr(grad)(model).jaxpr)
+    scores = 2 * 4 * t * t  # B * H * T * S
+    assert (largest >= scores) == (impl == "plain"), (largest, scores)
+
+
 def test_auto_resolves_by_backend_and_length():
     on_cpu = dict(dtype=jnp.bfloat16, head_dim=128)
     assert attention.resolve("auto", num_keys=attention.BLOCKWISE_MIN_KEYS - 1, **on_cpu) == "plain"
@@ -157,7 +185,9 @@ def test_decoder_blockwise_equals_plain(window, monkeypatch):
                  grads["plain"][1])
 
 
-def test_kv_cache_decoding_with_blockwise_equals_plain():
+def test_kv_cache_decoding_with_blockwise_equals_plain(monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK_Q", 4)  # the 16-slot cache in 4 key blocks (the last ones empty
+    monkeypatch.setattr(attention, "BLOCK_K", 4)  # until decoding reaches them: skipped)
     ids = jnp.asarray(np.random.RandomState(4).randint(0, 64, (2, 12)))
     mask = np.ones((2, 12), np.int32)
     mask[0, :3] = 0

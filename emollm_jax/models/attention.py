@@ -164,14 +164,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
-                        block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+                        block_q: int | None = None, block_k: int | None = None) -> jax.Array:
     """Flash-style attention (see the module docstring); same arguments and result as `attention`.
 
-    T and S need not be multiples of the blocks: queries are padded (and dropped), padded keys are masked.
+    Blocks of `block_q` queries and `block_k` keys (default `BLOCK_Q`, `BLOCK_K`). T and S need not be
+    multiples of the blocks: queries are padded (and dropped), padded keys are masked.
     """
     b, t, h, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
-    bq, bk = min(block_q, t), min(block_k, s)
+    bq, bk = min(block_q or BLOCK_Q, t), min(block_k or BLOCK_K, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     qh = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, Dh]
     qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
