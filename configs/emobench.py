@@ -133,12 +133,14 @@ def _pretrained_recipe(c: ml_collections.ConfigDict) -> None:
 def _vicuna7b() -> ml_collections.ConfigDict:
     c = _base()
     c.variant = "vicuna7b"
+    # Both stacks scanned: one compiled layer each (fast compiles on a pod; `--mode=plan` plans the real
+    # program). Attention stays `auto`: cuDNN's fused kernel on GPUs, blockwise elsewhere at 2048 tokens.
     c.model.vision.update(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                          num_layers=24, num_heads=16, dtype="bfloat16", remat=True)
+                          num_layers=24, num_heads=16, dtype="bfloat16", remat=True, scan_layers=True)
     c.model.projector.levels = (-2, -6, -10)
     c.model.text.update(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                         num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                        dtype="bfloat16", remat=True)
+                        dtype="bfloat16", remat=True, scan_layers=True)
     c.model.video_pooling = "mean"  # 8 frames x 576 tokens would not fit 2048 tokens
     # Vicuna's tokenizer has no <image> token: as original LLaVA does, mark image positions with an id
     # outside the vocabulary (never embedded). A llava-hf tokenizer has one (id 32000) and it wins; its
@@ -154,9 +156,10 @@ def _vicuna7b() -> ml_collections.ConfigDict:
         name="emotional", tasks=EMOTION_TASKS, trainable=("projector", "llm"), lr=2e-5, epochs=1.0,
         batch_size=128)
     c.mesh.update(data=1, fsdp=-1)
-    # `--mode=plan` on 8 devices (fsdp 8): without accumulation the LLaVA-1.5 stage-2 batch needs ~79 GiB per
-    # device; two micro-batches bring it to ~50 GiB. The loss is computed in chunks of 512 positions.
-    c.stages.emotional.grad_accum = 2
+    # `--mode=plan` on 8 devices (fsdp 8): the LLaVA-1.5 stage-2 batch in one micro-batch needs ~65 GiB per
+    # device with blockwise attention (~79 GiB with plain attention's [B, H, T, T] probabilities, which
+    # took two micro-batches). The loss is computed in chunks of 512 positions.
+    c.stages.emotional.grad_accum = 1
     c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3, loss_chunk=512)
     c.plan.device_memory_gb = 80.0
     return c

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emollm_jax import integrity
+from emollm_jax.models import stack
 from emollm_jax.outdir import AtomicDir
 from emollm_jax.pytree import flat_leaves, path_str
 
@@ -420,6 +421,8 @@ def restore_params(path_or_dir: str | Path, abstract_params: Any, shardings: Any
 
     Reads params-only checkpoints (`save_params`, the conversion CLI) and training checkpoints alike, and
     verifies them against their checksum record; on a Checkpointer root the newest step that verifies.
+    Layer stacks saved in either layout load: unrolled (`scan_layers=False`) params into a scanned model and
+    back (`emollm_jax.models.stack.relayout`).
     """
     return restore_latest_params(path_or_dir, abstract_params, shardings)[1]
 
@@ -451,8 +454,9 @@ def _restore_params_dir(path: Path, abstract_params: Any, shardings: Any | None,
         saved = ocp.PyTreeCheckpointHandler().metadata(path).tree
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: not an orbax params checkpoint ({e})") from e
-    _check_keys(saved, target, str(path))
-    _check_layout(saved, target, str(path))
+    as_saved = _in_saved_layout(saved, target, str(path))  # None: the target's own layer layout
+    read_layout = target if as_saved is None else as_saved
+    _check_layout(saved, read_layout, str(path))
     try:
         section = integrity.params_record(path)
     except integrity.IntegrityError as e:
@@ -464,7 +468,7 @@ def _restore_params_dir(path: Path, abstract_params: Any, shardings: Any | None,
         keep = have == str(t.dtype) or (have, str(t.dtype)) in _WIDENING
         return t if keep else jax.ShapeDtypeStruct(t.shape, np.dtype(have), sharding=t.sharding)
 
-    read_target = jax.tree_util.tree_map_with_path(read_as, target)
+    read_target = jax.tree_util.tree_map_with_path(read_as, read_layout)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path, read_target)
@@ -477,5 +481,30 @@ def _restore_params_dir(path: Path, abstract_params: Any, shardings: Any | None,
             integrity.verify(restored, section, where=str(path))
         except integrity.IntegrityError as e:
             raise CheckpointDamaged(path, str(e).removeprefix(f"{path}: "), step) from e
+    if as_saved is not None:  # saved with the layer stacks in the other layout (unrolled vs scanned)
+        restored = stack.relayout(restored, target)
+        restored = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), restored, target)
     restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), restored, target)
     return _rebuild(abstract_params, restored)
+
+
+def _in_saved_layout(saved: Any, target: Any, where: str) -> Any | None:
+    """None when `saved` and `target` have the same keys; else the target in the checkpoint's layer layout
+    (`models.stack.relayout_abstract`) when that is all that differs; else the key error."""
+    try:
+        _check_keys(saved, target, where)
+        return None
+    except KeyError as e:
+        error = e
+    try:
+        as_saved = stack.relayout_abstract(target, saved)
+        _check_keys(saved, as_saved, where)
+    except KeyError:
+        raise error from None
+    flat_saved = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    for p, want in jax.tree_util.tree_leaves_with_path(as_saved):
+        have = tuple(flat_saved[path_str(p)].shape)
+        if have != tuple(want.shape):
+            raise ValueError(f"{where}: {path_str(p)} has shape {have} in the checkpoint, the target "
+                             f"{tuple(want.shape)} (after relayout of its layer stacks)")
+    return as_saved

@@ -309,7 +309,8 @@ def _load_part(model: EmoLLM, part: str, path: str, where: str) -> None:
 def _update_base(target: nnx.Module, loaded: nnx.Module, where: str) -> None:
     """`loaded`'s parameters into `target`'s non-adapter ones (same paths and shapes), in `target`'s
     dtypes."""
-    old, new = nnx.state(target, _BASE), nnx.state(loaded, nnx.Param)
+    old = nnx.state(target, _BASE)
+    new = _as_layout(nnx.state(loaded, nnx.Param), old)
     _check_same_shapes(old, new, where)
     nnx.update(target, jax.tree.map(lambda o, n: n.astype(o.dtype), old, new))
 
@@ -326,6 +327,17 @@ def _restore_into(target: nnx.Module, path: str, where: str) -> None:
         new = restore_params(path, nnx.state(target, _BASE), None)
         log.info("%s holds no LoRA adapters: they start fresh", where)
     nnx.update(target, new)
+
+
+def _as_layout(new: Any, old: Any) -> Any:
+    """`new` with its layer stacks in `old`'s layout (a checkpoint's unrolled layers into a model with
+    `scan_layers`, or back); as it is when anything else differs (`_check_same_shapes` then names it)."""
+    from emollm_jax.models import stack
+
+    try:
+        return stack.relayout_state(new, old)
+    except (KeyError, ValueError):
+        return new
 
 
 def _projector_differs(loaded: Any, model: EmoLLM) -> bool:

@@ -11,12 +11,16 @@ which training, evaluation, prediction and the memory plan all use): the decoder
 `targets` (empty: the decoder's own `lora_targets`, q_proj and v_proj for the LLaMA family) and, when
 `vision_targets` names some, the vision tower's. Dropout acts on the adapter's input during training only:
 the train step gives every adapter its key (`set_dropout_key`); a model without keys (evaluation,
-prediction, generation) applies none.
+prediction, generation) applies none. In a scanned layer stack (`scan_layers`) a
+targeted projection is one Linear whose kernel is stacked [L, in, out]; its adapters are stacked the same
+way ([L, in, r], [L, r, out], leading logical axis `layers`), so each scanned layer reads its own row (and its
+own dropout key).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +70,7 @@ class LoRA(nnx.Module):
         alpha: float,
         *,
         names: tuple[str | None, str | None] = (None, None),
+        stack: tuple[tuple[int, str | None], ...] = (),
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         dropout: float = 0.0,
@@ -78,12 +83,16 @@ class LoRA(nnx.Module):
         self.dropout = float(dropout)
         self.dropout_key: DropoutKey | None = None  # set by `set_dropout_key` inside a training step
         # A like a fresh nn.Linear (Kaiming-uniform, as peft does), B zero: the update starts at exactly zero.
-        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        # `stack`: (size, logical name) of leading axes (a scanned layer stack), each row its own adapter.
+        sizes, lead = tuple(n for n, _ in stack), tuple(name for _, name in stack)
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                   batch_axis=tuple(range(len(sizes))))
         self.a = nnx.LoRAParam(
-            a_init(rngs.params(), (in_features, rank), param_dtype), out_sharding=(names[0], "lora_rank")
+            a_init(rngs.params(), (*sizes, in_features, rank), param_dtype),
+            out_sharding=(*lead, names[0], "lora_rank"),
         )
         self.b = nnx.LoRAParam(
-            jnp.zeros((rank, out_features), param_dtype), out_sharding=("lora_rank", names[1])
+            jnp.zeros((*sizes, rank, out_features), param_dtype), out_sharding=(*lead, "lora_rank", names[1])
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,7 +105,7 @@ class LoRA(nnx.Module):
         return (x @ a) @ b * jnp.asarray(self.scale, dtype)
 
     def delta(self) -> jax.Array:
-        """float32[in, out]: the update folded into a kernel."""
+        """float32[..., in, out]: the update folded into a kernel (stacked like the adapters)."""
         return (self.a[...].astype(jnp.float32) @ self.b[...].astype(jnp.float32)) * self.scale
 
 
@@ -114,15 +123,16 @@ class LoRALinear(nnx.Linear):
         # Not calling nnx.Linear.__init__: that would allocate a new kernel; the base's is reused as is.
         _copy_linear_fields(self, base)
         shape = self.kernel[...].shape
-        if len(shape) != 2:
-            raise ValueError(f"LoRA needs a 2-D kernel [in, out], got {shape}")
-        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        if len(shape) < 2:
+            raise ValueError(f"LoRA needs a kernel [..., in, out], got {shape}")
+        names = tuple(base.kernel.get_metadata().get("out_sharding") or (None,) * len(shape))
         self.lora = LoRA(
-            shape[0],
-            shape[1],
+            shape[-2],
+            shape[-1],
             rank,
             alpha,
-            names=tuple(names),
+            names=names[-2:],
+            stack=tuple(zip(shape[:-2], names[:-2], strict=True)),
             dtype=self.dtype,
             param_dtype=jnp.float32,  # trained master weights, whatever the frozen kernel is stored in
             dropout=dropout,
@@ -204,7 +214,11 @@ def set_dropout_key(model: nnx.Module, key: jax.Array) -> int:
     model merged there); returns how many got one. Without a key an adapter applies no dropout."""
     mods = [node for _, node in nnx.iter_graph(model) if isinstance(node, LoRA) and node.dropout > 0]
     for i, mod in enumerate(mods):
-        mod.dropout_key = nnx.data(DropoutKey(jax.random.fold_in(key, i)))
+        own = jax.random.fold_in(key, i)
+        lead = mod.a[...].shape[:-2]  # a scanned stack's adapter: one key per layer, scanned with it
+        if lead:
+            own = jax.random.split(own, math.prod(lead)).reshape(lead)
+        mod.dropout_key = nnx.data(DropoutKey(own))
     return len(mods)
 
 
@@ -218,7 +232,7 @@ def batch_key(seed: int, input_ids: jax.Array) -> jax.Array:
 
 
 def merged_kernel(kernel: jax.Array, update: LoRA) -> jax.Array:
-    """kernel float[in, out] + alpha / r * A B, computed in float32, in the kernel's dtype."""
+    """kernel float[..., in, out] + alpha / r * A B, computed in float32, in the kernel's dtype."""
     return (kernel.astype(jnp.float32) + update.delta()).astype(kernel.dtype)
 
 

@@ -4,13 +4,17 @@ Each stage's step is compiled for the config's mesh over N devices (fake CPU dev
 `jax_num_cpu_devices` before JAX starts). Parameter, optimizer and batch bytes per device are exact (shapes x
 shardings). Activation / temporary bytes come from `compiled.memory_analysis()`, with one correction:
 
-XLA:CPU drops `jax.checkpoint`'s optimization barriers before CSE, so an unrolled remat'd layer stack is
-planned as if nothing were rematerialised (every layer's attention scores stay live). With `remat` on, the
-step is therefore compiled with one decoder layer (its whole working set: the layer's forward + backward, the
-head, the loss, the vision tower) and each further layer adds what remat really keeps on an accelerator: its
-input hidden state `[b, T, D]` plus its parameters' gradients (`decoder_layer_bytes`). Without remat, with
-`plan.shallow_layers=k`, the step is compiled at k and 2k layers and the difference extrapolated. CPU compiles
-remain a proxy for an accelerator's plan: fusion and layouts differ.
+With `model.text.scan_layers` the real program is compiled at full depth: inside a scan XLA keeps the
+rematerialisation as it is (the backward loop recomputes each layer from the saved layer inputs), so its
+memory analysis is the plan, for any `remat_policy`.
+
+XLA:CPU drops `jax.checkpoint`'s optimization barriers before CSE, so an UNROLLED remat'd layer stack is
+planned as if nothing were rematerialised (every layer's attention scores stay live). With `remat` on and no
+scan, the step is therefore compiled with one decoder layer (its whole working set: the layer's forward +
+backward, the head, the loss, the vision tower) and each further layer adds what remat really keeps on an
+accelerator: its input hidden state `[b, T, D]` plus its parameters' gradients (`decoder_layer_bytes`).
+Without remat, with `plan.shallow_layers=k`, the step is compiled at k and 2k layers and the difference
+extrapolated. CPU compiles remain a proxy for an accelerator's plan: fusion and layouts differ.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from emollm_jax import experiment, sharding, train
 from emollm_jax.configuration import Section, apply_overrides
+from emollm_jax.models import attention
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
@@ -128,6 +133,36 @@ def decoder_layer_bytes(st: train.StageState, micro_batch: int, seq_len: int, me
     return float(stash), grads
 
 
+def _stage_temp(config: ml_collections.ConfigDict, index: int, base_cfg: Any, mesh: Any,
+                st: train.StageState, micro: int) -> tuple[float, float, str]:
+    """(activation/temp bytes per device, compile seconds, how they were found) of stage `index`."""
+    depth, seq = base_cfg.text.num_layers, int(config.data.max_len)
+    shallow = int(config.plan.shallow_layers)
+    if base_cfg.text.scan_layers:
+        compiled, _, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+        return _temp(compiled), compile_s, "scanned layers: full-depth compile"
+    if base_cfg.text.remat and depth > 1:
+        cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
+        compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
+        stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
+        return (_temp(compiled) + (depth - 1) * (stash + grads), compile_s,
+                f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
+                f"{grads / GiB:.3f} GiB)")
+    if 0 < shallow and 2 * shallow < depth:
+        temps, times = [], []
+        for layers in (shallow, 2 * shallow):
+            cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=layers))
+            compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
+            temps.append(_temp(compiled))
+            times.append(secs)
+        per_layer = (temps[1] - temps[0]) / shallow
+        return (temps[0] + per_layer * (depth - shallow), sum(times),
+                f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: {per_layer / GiB:.3f} "
+                "GiB/layer")
+    compiled, _, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
+    return _temp(compiled), compile_s, "full-depth compile"
+
+
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[StagePlan]:
     """Memory plan of every stage for `config.mesh` over the first `num_devices` devices. A stage that trains
     LoRA adapters is followed by the same stage as full fine-tuning (the decoder trained instead of its
@@ -151,37 +186,16 @@ def _stage_plan(config: ml_collections.ConfigDict, index: int, mesh) -> StagePla
     vocab = int(config.model.text.vocab_size) or 512  # tiny: the tokenizer decides; 512 is a stand-in
     image_id = int(config.model.image_token_id) if config.model.image_token_id != -1 else vocab - 1
     base_cfg = experiment.model_config(config, vocab_size=vocab, image_token_id=image_id)
-    depth = base_cfg.text.num_layers
-    shallow = int(config.plan.shallow_layers)
-    seq = int(config.data.max_len)
+    text = base_cfg.text
+    impl = attention.resolve(text.attention, dtype=text.dtype, head_dim=text.dim_per_head,
+                             num_keys=int(config.data.max_len))
+    how = f"attention {impl}, " + (f"remat {text.remat_policy}" if text.remat else "no remat")
     name = config.stage_order[index]
     stage = config.stages[name]
     micro = stage.batch_size // stage.grad_accum
     st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
-    if base_cfg.text.remat and depth > 1:
-        cfg = dataclasses.replace(base_cfg, text=dataclasses.replace(base_cfg.text, num_layers=1))
-        compiled, _, _, compile_s = _compile_stage(config, index, cfg, mesh)
-        stash, grads = decoder_layer_bytes(st, micro, seq, mesh)
-        temp = _temp(compiled) + (depth - 1) * (stash + grads)
-        note = (f"remat: 1-layer compile + {depth - 1} x (stash {stash / GiB:.3f} + grads "
-                f"{grads / GiB:.3f} GiB)")
-    elif 0 < shallow and 2 * shallow < depth:
-        temps, times = [], []
-        for layers in (shallow, 2 * shallow):
-            text = dataclasses.replace(base_cfg.text, num_layers=layers)
-            cfg = dataclasses.replace(base_cfg, text=text)
-            compiled, _, _, secs = _compile_stage(config, index, cfg, mesh)
-            temps.append(_temp(compiled))
-            times.append(secs)
-        per_layer = (temps[1] - temps[0]) / shallow
-        temp = temps[0] + per_layer * (depth - shallow)
-        compile_s = sum(times)
-        note = (f"temp extrapolated from {shallow}- and {2 * shallow}-layer compiles: "
-                f"{per_layer / GiB:.3f} GiB/layer")
-    else:
-        compiled, st, _, compile_s = _compile_stage(config, index, base_cfg, mesh)
-        temp, note = _temp(compiled), "full-depth compile"
-    note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps); " + note
+    temp, compile_s, note = _stage_temp(config, index, base_cfg, mesh, st, micro)
+    note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps), {how}; {note}"
     batch = abstract_batch(config, micro, mesh)
     p = _sharded_bytes(st.abstract_params, st.param_shardings)
     o = _sharded_bytes(st.abstract_opt, st.opt_shardings)

@@ -3,16 +3,21 @@
 Parameters carry *logical* axis names (`embed`, `mlp`, `heads`, ...; metadata key `out_sharding`). A rules
 table maps each logical name to a mesh axis, a tuple of mesh axes, or None (replicated), so model code never
 names the mesh and a config switches between data parallel, FSDP and tensor parallel by editing the table.
+Activations are named the same way (`constrain(x, ("batch", "length", "embed"))` in the models): inside
+`activation_sharding(mesh, rules)` (the train step traces under it) each becomes a sharding constraint
+through the same table; outside it, and on one device, `constrain` returns x unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +37,9 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # Logical name -> mesh axes. Weights are split over `fsdp` along their model dim and over `tensor` along the
 # dim Megatron-style tensor parallelism splits (heads, MLP hidden, vocab); `data` only replicates weights.
-# `batch` is the leading dim of every input batch (`data_sharding`).
+# `batch` is the leading dim of every input batch (`data_sharding`) and of activations; `layers` is the
+# leading axis of a scanned layer stack (never split: each device holds its share of every layer).
+# Activation-only names without a rule (`length`) stay unsplit; add e.g. ("length", "tensor") to split them.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -53,6 +60,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("proj_hidden", "tensor"),
     ("proj_out", "fsdp"),
     ("lora_rank", None),
+    ("layers", None),
 )
 
 
@@ -145,13 +153,16 @@ def _rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
 
 
 def logical_to_spec(
-    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules, *, where: str = ""
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules, *, where: str = "",
+    warn: bool = True,
 ) -> P:
     """PartitionSpec for one array with logical axis `names`.
 
     A dim whose size is not divisible by its mesh axes keeps the leading axes that do divide, drops the rest
-    (logged); a mesh axis already used by an earlier dim is dropped too, since one axis cannot split two dims.
+    (logged when `warn`); a mesh axis already used by an earlier dim is dropped too, since one axis cannot
+    split two dims.
     """
+    log_warning = log.warning if warn else lambda *a: None
     table = _rules_dict(rules)
     if len(names) != len(shape):
         raise ValueError(f"{where}: logical names {tuple(names)} do not match the array rank {len(shape)}")
@@ -167,7 +178,7 @@ def logical_to_spec(
         kept: list[str] = []
         for a in wanted:
             if a in used:
-                log.warning(
+                log_warning(
                     "%s dim %d (%s): mesh axis %r already used by another dim; not sharded on it",
                     where,
                     dim,
@@ -176,7 +187,7 @@ def logical_to_spec(
                 )
                 break
             if size % (math.prod(mesh.shape[b] for b in kept) * mesh.shape[a]):
-                log.warning(
+                log_warning(
                     "%s dim %d (%s) of size %d is not divisible by mesh axis %r (size %d); falling back "
                     "to %s for this dim",
                     where,
@@ -216,6 +227,42 @@ def logical_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = DEFA
     return jax.tree_util.tree_map_with_path(
         one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "emollm_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """While active, `constrain` turns logical activation names into sharding constraints on `mesh`."""
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` constrained to the sharding its logical axis `names` get from the active rules (MaxText's
+    `maybe_shard_with_logical`); x itself outside `activation_sharding` or on a one-device mesh. Dims that
+    do not divide their mesh axes are left unsplit (quietly: activation shapes vary, e.g. a last batch)."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, x.shape, mesh, rules, warn=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def with_activation_sharding(fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable:
+    """`fn` traced under `activation_sharding(mesh, rules)` (wrap before `jax.jit`)."""
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def optimizer_shardings(opt_state_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:

@@ -264,6 +264,7 @@ def build_stage(config: ml_collections.ConfigDict, index: int, base_cfg: EmoLLMC
     opt_sh = sharding.optimizer_shardings(abstract_opt, param_sh, mesh)
     mask = opt.trainable_mask(abstract_params)
     step = make_train_step(graphdef, rest, tx, mask, int(config.train.loss_chunk), int(config.seed))
+    step = sharding.with_activation_sharding(step, mesh, config.sharding_rules)  # activations' logical names
     step_fn = jax.jit(step, in_shardings=(param_sh, opt_sh, sharding.data_sharding(mesh)),
                       out_shardings=(param_sh, opt_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
     return StageState(name, index, total_steps, int(opt.grad_accum), tx, lr_fn, trainable, model_cfg,

@@ -81,3 +81,27 @@ def test_plan_remat_and_extrapolated(capsys):
     assert "remat: 1-layer compile + 3 x" in printed and "extrapolated from 1- and 2-layer" in printed
     assert out[True].params_bytes == out[False].params_bytes
     assert out[True].temp_bytes < out[False].temp_bytes
+
+
+@pytest.mark.slow  # full train-step compiles
+def test_scanned_plan_is_the_real_program_and_keeps_remat():
+    """With scan_layers the plan compiles the full-depth program. Inside the scan XLA keeps the remat: each
+    further layer adds what `decoder_layer_bytes` says remat keeps (its input and its gradients), while a
+    scanned stack without remat adds several times that (attention probabilities, MLP activations)."""
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    growth, notes = {}, set()
+    for remat in (True, False):
+        temps = []
+        for layers in (2, 4):
+            config = _config(remat, num_layers=layers, scan_layers=True)
+            config.mesh.update(data=1)
+            (p,) = plan.plan(config, 1)
+            temps.append(p.temp_bytes)
+            notes.add(p.note.split("; ")[-1])
+        growth[remat] = (temps[1] - temps[0]) / 2
+    base = experiment.model_config(_config(True), vocab_size=64, image_token_id=4)
+    st = train.build_stage(_config(True), 0, base, mesh, total_steps=10)
+    stash, grads = plan.decoder_layer_bytes(st, 8, 64, mesh)
+    assert notes == {"scanned layers: full-depth compile"}
+    assert 0.75 * (stash + grads) < growth[True] < 1.25 * (stash + grads), (growth, stash, grads)
+    assert growth[False] > 3 * growth[True]

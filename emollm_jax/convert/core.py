@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emollm_jax.convert.keymap import KeyMap
+from emollm_jax.convert.keymap import KeyMap, Located
 from emollm_jax.convert.safetensors_io import CheckpointError, TensorSource
 from emollm_jax.pytree import path_keys
 
@@ -100,44 +100,97 @@ def fill_model(
     filled exactly once; shapes must agree after the hook. `dtype` casts floating tensors (default: each
     parameter's own dtype). `shardings`: None, one Sharding, a callable (path, np.ndarray) -> jax.Array, or a
     pytree of Shardings shaped like the model's state. partial=True allows parameters to stay unfilled (for
-    models assembled from several sources; the last call should be strict)."""
+    models assembled from several sources; the last call should be strict).
+
+    A scanned layer stack (`models.stack`) is filled row by row: HF layer i's tensor is placed (as a
+    [1, ...] slice on the stack's sharding) when it is read, and the rows are joined once the last arrives,
+    so the host holds one tensor at a time in either layout."""
     graphdef, state = nnx.split(abstract)
     targets = {path_str(p): (p, v) for p, v in nnx.to_flat_state(state)}
-    put = _sharder(shardings)
-    filled: dict[str, Any] = {}
+    filler = _Filler(targets, _sharder(shardings), dtype, where)
     unknown: list[str] = []
     for key, arr in source.iter_tensors():
         try:
-            mapped = key_map.to_ours(key)
+            found = key_map.locate(key)
         except KeyError:
             unknown.append(key)
             continue
-        if mapped is None:
-            continue
-        ours, hook = mapped
-        if ours not in targets:
-            raise CheckpointError(f"{where}: {key} maps to {ours}, which the model does not have")
-        if ours in filled:
-            raise CheckpointError(f"{where}: {key} fills {ours} a second time")
-        path, var = targets[ours]
-        want = var.get_value()
-        arr = hook.load(arr, tuple(want.shape))
-        if tuple(arr.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{where}: shape mismatch for {key} -> {ours}: expected {tuple(want.shape)} "
-                f"(after hook {hook}), found {tuple(arr.shape)}"
-            )
-        target_dtype = np.dtype(dtype) if dtype and np.issubdtype(arr.dtype, np.floating) else want.dtype
-        if arr.dtype != target_dtype:
-            arr = arr.astype(target_dtype)
-        filled[ours] = var.replace(put(path, arr))
+        if found is not None:
+            filler.add(key, found, arr)
     if unknown:
         raise CheckpointError(f"{where}: {len(unknown)} checkpoint keys match no rule: {unknown[:10]}")
+    filler.check_stacks()
+    filled = filler.filled
     missing = [k for k in targets if k not in filled and _is_abstract(targets[k][1])]
     if missing and not partial:
         raise CheckpointError(f"{where}: {len(missing)} model parameters not in checkpoint: {missing[:10]}")
     new_state = nnx.from_flat_state([(p, filled.get(k, v)) for k, (p, v) in targets.items()])
     return nnx.merge(graphdef, new_state)
+
+
+class _Filler:
+    """The parameters filled so far (`filled`: dotted path -> Variable) and a scanned stack's rows."""
+
+    def __init__(self, targets: dict[str, tuple[Path_, Any]], put: ShardFn, dtype: str | None, where: str):
+        self.targets, self.put, self.dtype, self.where = targets, put, dtype, where
+        self.filled: dict[str, Any] = {}
+        self.rows: dict[str, dict[int, jax.Array]] = {}
+
+    def add(self, key: str, found: Located, arr: np.ndarray) -> None:
+        if found.path in self.targets:
+            self._add_whole(key, found.path, found.hook, arr)
+        elif found.stacked is not None and found.stacked in self.targets:
+            self._add_row(key, found.stacked, found.layer, found.hook, arr)
+        else:
+            raise CheckpointError(f"{self.where}: {key} maps to {found.path}, which the model does not have")
+
+    def _ready(self, key: str, ours: str, hook: Any, arr: np.ndarray, want: Any, shape: tuple) -> np.ndarray:
+        """The tensor after its hook, checked against `shape` and cast."""
+        arr = hook.load(arr, shape)
+        if tuple(arr.shape) != shape:
+            raise CheckpointError(f"{self.where}: shape mismatch for {key} -> {ours}: expected {shape} "
+                                  f"(after hook {hook}), found {tuple(arr.shape)}")
+        floating = self.dtype and np.issubdtype(arr.dtype, np.floating)
+        target_dtype = np.dtype(self.dtype) if floating else want.dtype
+        return arr if arr.dtype == target_dtype else arr.astype(target_dtype)
+
+    def _add_whole(self, key: str, ours: str, hook: Any, arr: np.ndarray) -> None:
+        if ours in self.filled:
+            raise CheckpointError(f"{self.where}: {key} fills {ours} a second time")
+        path, var = self.targets[ours]
+        want = var.get_value()
+        self.filled[ours] = var.replace(self.put(path, self._ready(key, ours, hook, arr, want,
+                                                                   tuple(want.shape))))
+
+    def _add_row(self, key: str, ours: str, layer: int, hook: Any, arr: np.ndarray) -> None:
+        path, var = self.targets[ours]
+        want = var.get_value()
+        depth = want.shape[0]
+        rows = self.rows.setdefault(ours, {})
+        if not 0 <= layer < depth:
+            raise CheckpointError(f"{self.where}: {key} is layer {layer}; the stack {ours} has {depth}")
+        if layer in rows or ours in self.filled:
+            raise CheckpointError(f"{self.where}: {key} fills {ours}[{layer}] a second time")
+        row = self._ready(key, f"{ours}[{layer}]", hook, arr, want, tuple(want.shape[1:]))
+        rows[layer] = self.put(path, row[None])
+        if len(rows) == depth:
+            self.filled[ours] = var.replace(_join([rows.pop(i) for i in range(depth)]))
+            del self.rows[ours]
+
+    def check_stacks(self) -> None:
+        """Every stack that got some rows got all of them."""
+        for ours, rows in self.rows.items():
+            depth = self.targets[ours][1].get_value().shape[0]
+            gaps = [i for i in range(depth) if i not in rows]
+            raise CheckpointError(f"{self.where}: the stacked {ours} misses layers {gaps[:10]} of {depth}")
+
+
+def _join(rows: list[jax.Array]) -> jax.Array:
+    """[1, ...] rows -> [L, ...], laid out as the rows are (the layer axis is never split)."""
+    sharding = rows[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding)(*rows)
+    return jnp.concatenate(rows)
 
 
 def _is_abstract(var: Any) -> bool:

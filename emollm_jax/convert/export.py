@@ -26,22 +26,33 @@ _GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def hf_tensors(model: nnx.Module, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF key, numpy array) for every parameter, one at a time (gathered to host if sharded). LoRA
-    adapters are merged into the kernel they adapt (W + alpha / r * A B) and not written themselves."""
+    """Yields (HF key, numpy array) for every parameter, one at a time (gathered to host if sharded); a
+    scanned layer stack's parameter float[L, ...] gives its L HF tensors, one layer at a time. LoRA adapters
+    are merged into the kernel they adapt (W + alpha / r * A B) and not written themselves."""
     fam = family_of(model)
     key_map = fam.export_map(model)
     updates = {path + ("kernel",): update for path, update in lora.adapters(model).items()}
+
+    def host(x: jax.Array) -> np.ndarray:
+        arr = np.asarray(jax.device_get(x))
+        if dtype is not None and np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.dtype(dtype))
+        return arr
+
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, nnx.LoRAParam):
             continue
-        hf_key, hook = key_map.to_hf(path_str(path))
-        value = var.get_value()
+        ours, value = path_str(path), var.get_value()
         if path in updates:
             value = lora.merged_kernel(value, updates[path])
-        arr = np.asarray(jax.device_get(value))
-        if dtype is not None and np.issubdtype(arr.dtype, np.floating):
-            arr = arr.astype(np.dtype(dtype))
-        yield hf_key, hook.save(arr)
+        try:
+            hf_key, hook = key_map.to_hf(ours)
+        except KeyError:
+            pattern, hook = key_map.to_hf_stacked(ours)
+            for i in range(value.shape[0]):
+                yield pattern.replace("{i}", str(i)), hook.save(host(value[i]))
+            continue
+        yield hf_key, hook.save(host(value))
 
 
 def save_hf(

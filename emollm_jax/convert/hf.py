@@ -106,7 +106,7 @@ def load_hf(
 
     dtype: parameter dtype (and compute dtype) for floating tensors, e.g. "bfloat16"; default float32.
     shardings: see `fill_model`. config_overrides: fields of our config (e.g. image_size=336 for a CLIP
-    tower, which resamples the position embedding; remat=True).
+    tower, which resamples the position embedding; remat=True; scan_layers=True for stacked layers).
     """
     path = Path(path)
     hf_config = read_hf_config(path)

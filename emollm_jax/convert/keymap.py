@@ -4,6 +4,11 @@ Parts declare their tables as plain rows (`PartConfig.hf_key_table()`, hook give
 turns rows into a `KeyMap` that maps names both ways. `{i}` in a pattern stands for a layer index and must
 appear on both sides; our patterns are dotted paths into the model's `nnx.State` (integers are list indices).
 A row whose hook is "ignore" names an HF key skipped on purpose (an old buffer, a redundant tied head).
+
+The same table serves both layouts of a layer stack (`emollm_jax.models.stack`): unrolled, layer i's
+parameter is `layers.{i}.mlp.up_proj.kernel`; scanned, it is row i of the stacked `layers.mlp.up_proj.kernel`
+(our pattern with its `{i}` segment removed). `locate` gives both, `to_hf_stacked` maps a stacked path back
+to the HF pattern, whose `{i}` the exporter fills for each row.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,6 +76,23 @@ class Rule:
     def ours_regex(self) -> re.Pattern:
         return re.compile(re.escape(self.ours).replace(r"\{i\}", r"(?P<i>\d+)") + r"\Z")
 
+    @property
+    def stacked(self) -> str | None:
+        """Our path in a scanned stack (the `{i}` segment removed), or None for a row without `{i}`."""
+        if "{i}" not in self.ours:
+            return None
+        return ".".join(part for part in self.ours.split(".") if part != "{i}")
+
+
+class Located(NamedTuple):
+    """Where an HF tensor goes: our unrolled `path`, its `hook`, and for a layer's tensor the `stacked`
+    path of a scanned stack with the `layer` row it fills (both None outside a layer stack)."""
+
+    path: str
+    hook: Hook
+    stacked: str | None = None
+    layer: int | None = None
+
 
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
@@ -109,21 +131,37 @@ class KeyMap:
             object.__setattr__(self, "_ignore_re", [re.compile(p + r"\Z") for p in self.ignore])
         return self._cache
 
-    def to_ours(self, hf_key: str) -> tuple[str, Hook] | None:
-        """HF key -> (our dotted path, hook); None when ignored; KeyError when no rule matches."""
+    def locate(self, hf_key: str) -> Located | None:
+        """HF key -> `Located` (unrolled path, hook, stacked path, layer); None when ignored; KeyError when
+        no rule matches."""
         for rule, hf_re, _ in self._compiled():
             m = hf_re.match(hf_key)
             if m:
-                return None if rule.hook is IGNORE else (_fill(rule.ours, m), rule.hook)
+                if rule.hook is IGNORE:
+                    return None
+                layer = int(m.group("i")) if "i" in m.groupdict() else None
+                return Located(_fill(rule.ours, m), rule.hook, rule.stacked, layer)
         if any(p.match(hf_key) for p in self._ignore_re):
             return None
         raise KeyError(hf_key)
+
+    def to_ours(self, hf_key: str) -> tuple[str, Hook] | None:
+        """HF key -> (our dotted path, hook); None when ignored; KeyError when no rule matches."""
+        found = self.locate(hf_key)
+        return None if found is None else (found.path, found.hook)
 
     def to_hf(self, our_key: str) -> tuple[str, Hook]:
         for rule, _, ours_re in self._compiled():
             m = ours_re.match(our_key) if rule.hook is not IGNORE else None
             if m:
                 return _fill(rule.hf, m), rule.hook
+        raise KeyError(our_key)
+
+    def to_hf_stacked(self, our_key: str) -> tuple[str, Hook]:
+        """A scanned stack's path -> (HF pattern with `{i}`, hook): row i of the array is HF layer i."""
+        for rule, _, _ in self._compiled():
+            if rule.hook is not IGNORE and rule.stacked == our_key:
+                return rule.hf, rule.hook
         raise KeyError(our_key)
 
 

@@ -45,7 +45,8 @@ _LM_LAYOUTS = (
 _VISION_PREFIXES = ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.",
                     "model.vision_tower.vision_model.")  # fmt: skip
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
-_SHARED = ("dtype", "param_dtype", "remat")  # overrides that apply to both the tower and the decoder
+# overrides that apply to both the tower and the decoder
+_SHARED = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "attention")
 # HF Llava's projector: LLaVA-1.5's two-layer MLP with GELU and biases.
 _HF_PROJECTOR = "mlp2x_gelu"
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emollm_jax.models import layers
+from emollm_jax import sharding
+from emollm_jax.models import attention, layers, stack
 from emollm_jax.models.parts import KeyRow, Preprocessing, TowerOutput, VisionTowerConfig, vision_tower
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,9 +41,12 @@ class CLIPConfig(VisionTowerConfig):
     image_mode: str = "pad"  # pixels: "pad" (LLaVA-1.5's pad-to-square) or "crop" (CLIPImageProcessor)
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # rematerialise each layer in the backward pass
+    remat_policy: str = "full"  # with remat: what a layer keeps (models.stack.REMAT_POLICIES)
+    scan_layers: bool = False  # one scanned layer over stacked params (models.stack) instead of a loop
+    attention: str = "auto"  # auto | plain | blockwise | cudnn (models.attention)
 
-    logical_axes = ("vit_embed", "vit_mlp", "vit_heads", "vit_pos", "norm")
+    logical_axes = ("vit_embed", "vit_mlp", "vit_heads", "vit_pos", "norm", "layers")
     hf_model_types = ("clip_vision_model", "clip")
     hf_prefixes = ("", "vision_model.", "vision_tower.vision_model.", "vision_tower.")
     hf_probe_key = "embeddings.patch_embedding.weight"
@@ -56,6 +60,10 @@ class CLIPConfig(VisionTowerConfig):
             self.fail("image_size", f"not a multiple of patch_size={self.patch_size}")
         if self.image_mode not in ("pad", "crop"):
             self.fail("image_mode", "expected 'pad' or 'crop'")
+        if self.remat_policy not in stack.REMAT_POLICIES:
+            self.fail("remat_policy", f"expected one of {tuple(stack.REMAT_POLICIES)}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            self.fail("attention", f"expected one of {attention.IMPLEMENTATIONS}")
 
     @property
     def grid_size(self) -> int:
@@ -223,12 +231,17 @@ class CLIPAttention(nnx.Module):
         self.v_proj = _linear(cfg, d, d, ("vit_embed", "vit_heads"), rngs)
         self.out_proj = _linear(cfg, d, d, ("vit_heads", "vit_embed"), rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: attention.AttentionMask) -> jax.Array:
+        """x float[N, T, D]; `mask` prepared by the tower (full attention, the configured implementation)."""
         n, t, d = x.shape
-        heads = lambda y: y.reshape(n, t, self.num_heads, d // self.num_heads)
-        out = layers.dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
-                                           heads(self.v_proj(x)), 0.0)
-        return self.out_proj(out.reshape(n, t, d))
+        names = ("batch", "length", "vit_heads", None)
+
+        def heads(y):
+            return sharding.constrain(y.reshape(n, t, self.num_heads, d // self.num_heads), names)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = sharding.constrain(attention.attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask), names)
+        return sharding.constrain(self.out_proj(out.reshape(n, t, d)), ("batch", "length", "vit_embed"))
 
 
 class CLIPMLP(nnx.Module):
@@ -238,7 +251,8 @@ class CLIPMLP(nnx.Module):
         self.fc2 = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("vit_mlp", "vit_embed"), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(layers.activation(self.act)(self.fc1(x)))
+        h = sharding.constrain(layers.activation(self.act)(self.fc1(x)), ("batch", "length", "vit_mlp"))
+        return sharding.constrain(self.fc2(h), ("batch", "length", "vit_embed"))
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -248,18 +262,15 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = _layer_norm(cfg, rngs)
         self.mlp = CLIPMLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x: jax.Array, mask: attention.AttentionMask) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-
-
-def _run_layer(layer: CLIPEncoderLayer, x: jax.Array) -> jax.Array:
-    return layer(x)
+        # an nnx.List of layers, or one layer whose params are stacked [L, ...] (cfg.scan_layers)
+        self.layers = stack.build(lambda: CLIPEncoderLayer(cfg, rngs=rngs), cfg.num_layers, cfg.scan_layers)
 
 
 class CLIPVisionTransformer(nnx.Module):
@@ -274,10 +285,17 @@ class CLIPVisionTransformer(nnx.Module):
         self.post_layernorm = _layer_norm(config, rngs)
 
     def __call__(self, pixel_values: jax.Array) -> TowerOutput:
+        cfg = self.config
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        run = nnx.remat(_run_layer) if self.config.remat else _run_layer
-        hidden = [x]
-        for layer in self.encoder.layers:
-            x = run(layer, x)
-            hidden.append(x)
-        return TowerOutput(tuple(hidden), self.post_layernorm(x[:, 0]))
+        x = sharding.constrain(x, ("batch", "length", "vit_embed"))
+        t = x.shape[1]
+        mask = attention.prepare(attention.AttentionMask(), cfg.attention, dtype=cfg.dtype,
+                                 head_dim=cfg.hidden_size // cfg.num_heads, t=t, s=t)
+
+        def body(layer, x, i):
+            x = layer(x, mask)
+            return x, x
+
+        out, per_layer = stack.run(self.encoder.layers, body, x, remat=cfg.remat, policy=cfg.remat_policy,
+                                   collect=True)
+        return TowerOutput((x, *per_layer), self.post_layernorm(out[:, 0]))

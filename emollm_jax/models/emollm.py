@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emollm_jax import sharding
 from emollm_jax.configuration import ConfigError, FieldError
 from emollm_jax.models import catalog  # noqa: F401  (the shipped parts a config may name)
 from emollm_jax.models.parts import (
@@ -209,7 +210,7 @@ class EmoLLM(nnx.Module):
         selected = jnp.concatenate([hidden[i] for i in cfg.feature_layers], axis=-1)
         levels = cfg.projector.feature_levels()
         return VisualFeatures(
-            patches=selected[:, start:],
+            patches=sharding.constrain(selected[:, start:], ("batch", "length", "vit_embed")),
             levels=jnp.stack([hidden[i][:, start:] for i in levels]) if levels else None,
             cls=selected[:, 0] if cfg.projector.needs_class_token else None,
         )
@@ -226,6 +227,7 @@ class EmoLLM(nnx.Module):
         pixel_values, frame_media = _normalise_media(pixel_values, frame_media)
         b, k = frame_media.shape
         tokens = self.projector(self.vision_features(pixel_values.reshape(b * k, *pixel_values.shape[2:])))
+        tokens = sharding.constrain(tokens, ("batch", "length", "embed"))  # [B * K, F, D]
         tokens = tokens.reshape(b, k, *tokens.shape[1:])  # [B, K, F, D]
         real = (frame_media >= 0).astype(tokens.dtype)[:, :, None, None]
         tokens = tokens * real
@@ -257,7 +259,8 @@ class EmoLLM(nnx.Module):
         text = self.llm.embed(jnp.where(is_image, 0, input_ids))  # image ids may lie outside the vocab
         slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, media.shape[1] - 1)
         gathered = jnp.take_along_axis(media, slot[..., None], axis=1).astype(text.dtype)
-        return jnp.where(is_image[..., None], gathered, text)
+        spliced = jnp.where(is_image[..., None], gathered, text)
+        return sharding.constrain(spliced, ("batch", "length", "embed"))
 
     def __call__(
         self,

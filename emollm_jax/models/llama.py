@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emollm_jax.models import layers
-from emollm_jax.models.layers import RMSNorm, attend, attention_bias
+from emollm_jax import sharding
+from emollm_jax.models import attention, layers, stack
+from emollm_jax.models.layers import RMSNorm
 from emollm_jax.models.parts import DecoderConfig, KeyRow, decoder
 
 
@@ -48,9 +49,12 @@ class LlamaConfig(DecoderConfig):
     sliding_window: int | None = None  # a key is visible iff query_slot - key_slot < window
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # rematerialise each layer in the backward pass (training memory for compute)
+    remat_policy: str = "full"  # with remat: what a layer keeps (models.stack.REMAT_POLICIES)
+    scan_layers: bool = False  # one scanned layer over stacked params (models.stack) instead of a loop
+    attention: str = "auto"  # auto | plain | blockwise | cudnn (models.attention)
 
-    logical_axes = ("embed", "mlp", "heads", "kv_heads", "vocab", "norm")
+    logical_axes = ("embed", "mlp", "heads", "kv_heads", "vocab", "norm", "layers")
     hf_model_types = ("llama",)
     hf_probe_key = "model.embed_tokens.weight"
     hf_architecture: ClassVar[str] = "LlamaForCausalLM"
@@ -79,6 +83,10 @@ class LlamaConfig(DecoderConfig):
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in _ROPE_TYPES:
             self.fail("rope_scaling", f"rope_type {rope_type!r} is not supported {_ROPE_TYPES}")
+        if self.remat_policy not in stack.REMAT_POLICIES:
+            self.fail("remat_policy", f"expected one of {tuple(stack.REMAT_POLICIES)}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            self.fail("attention", f"expected one of {attention.IMPLEMENTATIONS}")
 
     @property
     def model_type(self) -> str:
@@ -367,16 +375,19 @@ class LlamaAttention(nnx.Module):
         self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs, cfg.attention_bias)
         self.o_proj = _linear(cfg, cfg.num_heads * hd, d, ("heads", "embed"), rngs)
 
-    def __call__(self, x, cos, sin, bias, kv=None):
+    def __call__(self, x, cos, sin, mask: attention.AttentionMask, kv=None):
         """x: float[B, T, D]. Without a cache attends over x itself. With kv = (k_all, v_all, layer,
-        index) (caches float[L, B, KVH, S_max, Dh]) writes this chunk's keys/values into slot `index` of
-        layer `layer` (in place under jit) and attends over that layer's whole cache.
-        Returns (float[B, T, D], (k_all, v_all) or None)."""
+        index) (caches float[L, B, KVH, S_max, Dh]; `layer` an int or an int32 tracer) writes this chunk's
+        keys/values into slot `index` of layer `layer` (in place under jit) and attends over that layer's
+        whole cache. Returns (float[B, T, D], (k_all, v_all) or None)."""
         b, t, _ = x.shape
         hd = self.cfg.dim_per_head
-        q = self.q_proj(x).reshape(b, t, self.cfg.num_heads, hd)
-        k = self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
-        v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
+        heads = ("batch", "length", "heads", None)
+        q = sharding.constrain(self.q_proj(x).reshape(b, t, self.cfg.num_heads, hd), heads)
+        k = sharding.constrain(self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd),
+                               ("batch", "length", "kv_heads", None))
+        v = sharding.constrain(self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd),
+                               ("batch", "length", "kv_heads", None))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KVH, T, Dh]
         if kv is not None:
@@ -386,8 +397,8 @@ class LlamaAttention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
             kv = (k_all, v_all)
-        out = attend(q, k, v, bias).reshape(b, t, -1)
-        return self.o_proj(out), kv
+        out = sharding.constrain(attention.attention(q, k, v, mask), heads).reshape(b, t, -1)
+        return sharding.constrain(self.o_proj(out), ("batch", "length", "embed")), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -398,7 +409,10 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = ("batch", "length", "mlp")
+        gate = sharding.constrain(jax.nn.silu(self.gate_proj(x)), hidden)
+        h = gate * sharding.constrain(self.up_proj(x), hidden)
+        return sharding.constrain(self.down_proj(h), ("batch", "length", "embed"))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -409,14 +423,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, bias, kv=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv)
+    def __call__(self, x, cos, sin, mask: attention.AttentionMask, kv=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
-
-
-def _run_layer(layer: LlamaDecoderLayer, *args):
-    return layer(*args)
 
 
 class LlamaModel(nnx.Module):
@@ -428,7 +438,8 @@ class LlamaModel(nnx.Module):
             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
             embedding_init=nnx.with_partitioning(layers.NORMAL_002, ("vocab", "embed")), rngs=rngs,
         )
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        # an nnx.List of layers, or one layer whose params are stacked [L, ...] (cfg.scan_layers)
+        self.layers = stack.build(lambda: LlamaDecoderLayer(cfg, rngs=rngs), cfg.num_layers, cfg.scan_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype),
                             param_dtype=jnp.dtype(cfg.param_dtype))
 
@@ -460,6 +471,7 @@ class LlamaForCausalLM(nnx.Module):
         *,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
@@ -469,6 +481,8 @@ class LlamaForCausalLM(nnx.Module):
         input_ids int32[B, T] or inputs_embeds float[B, T, D]; attention_mask int[B, T] (1 = real token;
         default all 1). positions default to the count of earlier real tokens (`cumsum(mask) - 1`, clipped
         at 0), counting those already in the cache, so left-padded prompts get unpadded positions.
+        segment_ids int32[B, T]: packed rows (several records per row), attention only within equal ids;
+        pass the per-record positions with them. Not with a cache.
         Without a cache: returns logits float32[B, T, V] (or the final-normed hidden float[B, T, D] when
         return_hidden). With a cache: the chunk is written at `cache.index` (prefill: the prompt; decode:
         one or a few tokens) and the result is `(logits_or_hidden, new_cache)`.
@@ -476,12 +490,15 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        x = sharding.constrain(x, ("batch", "length", "embed"))
         b, t = x.shape[:2]
         mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
 
         if cache is None:
-            key_mask, query_slots, index = mask, jnp.arange(t), None
+            key_mask, query_slots, index = mask, None, None
             seen = jnp.zeros((b,), jnp.int32)
         else:
             index = cache.index
@@ -491,16 +508,24 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.maximum(seen[:, None] + jnp.cumsum(mask, axis=-1) - 1, 0)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-        bias = attention_bias(query_slots, key_mask, cfg.sliding_window)
+        masking = attention.AttentionMask(query_slots, key_mask, segment_ids, segment_ids, causal=True,
+                                          window=cfg.sliding_window)
+        masking = attention.prepare(masking, cfg.attention, dtype=cfg.dtype, head_dim=cfg.dim_per_head, t=t,
+                                    s=key_mask.shape[1])
 
         if cache is None:
-            run = nnx.remat(_run_layer) if cfg.remat else _run_layer  # remat only pays off when training
-            for layer in self.model.layers:
-                x, _ = run(layer, x, cos, sin, bias)
+            def body(layer, x, i):
+                return layer(x, cos, sin, masking)[0]
+
+            x, _ = stack.run(self.model.layers, body, x, remat=cfg.remat, policy=cfg.remat_policy)
         else:
-            k_all, v_all = cache.k, cache.v
-            for i, layer in enumerate(self.model.layers):
-                x, (k_all, v_all) = layer(x, cos, sin, bias, (k_all, v_all, i, index))
+            def body(layer, carry, i):  # noqa: F811  (the cache path threads the caches as well)
+                x, k_all, v_all = carry
+                x, (k_all, v_all) = layer(x, cos, sin, masking, (k_all, v_all, i, index))
+                return x, k_all, v_all
+
+            # no remat: it only pays off when training
+            (x, k_all, v_all), _ = stack.run(self.model.layers, body, (x, cache.k, cache.v))
         x = self.model.norm(x)
         out = x if return_hidden else self.logits(x)
         if cache is None:
