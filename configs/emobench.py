@@ -20,11 +20,14 @@ from emollm_jax.configuration import ConfigError
 from emollm_jax.data import DataConfig
 from emollm_jax.emoprompt import EmoPromptConfig
 from emollm_jax.evaluate import EvalConfig
-from emollm_jax.experiment import InitConfig
+from emollm_jax.experiment import AUDIO_TOKEN_ID, InitConfig
 from emollm_jax.lora import LoRAConfig
+from emollm_jax.models.audio_projectors import PoolMLPConfig
 from emollm_jax.models.clip import CLIPConfig
+from emollm_jax.models.emollm import NO_AUDIO
 from emollm_jax.models.llama import LlamaConfig
 from emollm_jax.models.projectors import MVPConfig
+from emollm_jax.models.whisper import WhisperConfig
 from emollm_jax.optim import StageConfig
 from emollm_jax.plan import PlanConfig
 from emollm_jax.sharding import DEFAULT_RULES, MeshConfig
@@ -56,6 +59,14 @@ def _base() -> ml_collections.ConfigDict:
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select = "patch"
     c.model.video_pooling = "concat"
+    # Sound: an audio tower kind (`whisper`, whisper-base's shape by default) or "none"; the audio projector
+    # pools each window to a fixed number of tokens. `--config.model.audio.kind=whisper` turns it on.
+    c.model.audio = WhisperConfig.block()
+    c.model.audio.kind = NO_AUDIO
+    c.model.audio_projector = PoolMLPConfig.block()
+    # Written at <audio> positions when the tokenizer has no <audio> token: a placeholder outside the
+    # vocabulary, as LLaVA's -200 for images (the model replaces it before any embedding lookup).
+    c.model.audio_token_id = AUDIO_TOKEN_ID
 
     c.data = DataConfig.defaults(template="vicuna_v1")
     c.emoprompt = EmoPromptConfig.defaults()

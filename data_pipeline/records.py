@@ -41,6 +41,7 @@ OPTIONAL_FIELDS = (
 ALLOWED_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
+AUDIO_MARKER = "<audio>"
 
 
 class RecordError(Exception):

@@ -16,10 +16,13 @@ import jax
 import ml_collections
 
 from emollm_jax.configuration import Section
-from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig, audio_parts
 from emollm_jax.pytree import flat_leaves
 
 log = logging.getLogger(__name__)
+# Written at audio positions when the tokenizer has no <audio> token (as original LLaVA's -200 for images):
+# the model replaces it before any embedding lookup, so it need not be in the vocabulary.
+AUDIO_TOKEN_ID = -201
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,7 @@ class InitConfig(Section):
     hf: str = ""      # an HF LLaVA/EmoLLM dir, or the conversion CLI's orbax output (whole model)
     llm: str = ""     # HF decoder dir (Vicuna / LLaMA)
     vision: str = ""  # HF CLIP vision dir
+    audio: str = ""   # HF Whisper dir (WhisperModel / WhisperForConditionalGeneration / encoder only)
     params: str = ""  # orbax params-only checkpoint of the whole EmoLLM
 
 
@@ -39,12 +43,16 @@ class DataSetup:
     root: str
     tokenizer_path: str
     image_token_id: int | None = None  # used when the tokenizer has no <image> token (LLaVA's -200)
+    audio_token_id: int | None = None  # used when the tokenizer has no <audio> token; None: no audio tower
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 image_token_id: int | None = None, freeze_vision: bool = True) -> EmoLLMConfig:
+                 image_token_id: int | None = None, audio_token_id: int | None = None,
+                 freeze_vision: bool = True) -> EmoLLMConfig:
     """`EmoLLMConfig` from `config.model`; `vocab_size` / `image_token_id` fill the "from tokenizer" values
-    (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would fall off it)."""
+    (0 / -1); `audio_token_id` (the tokenizer's, when it has an `<audio>` token) wins over
+    `config.model.audio_token_id`. A configured vocabulary smaller than the tokenizer's is an error (ids
+    would fall off it)."""
     m = config.model
     vocab = int(m.text.vocab_size)
     if vocab <= 0:
@@ -58,7 +66,9 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     image_id = image_token_id if image_token_id is not None else m.image_token_id
     if image_id == -1:
         raise ValueError("config.model.image_token_id is -1 (from tokenizer) but no tokenizer was given")
-    return EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, freeze_vision=freeze_vision)
+    audio_id = audio_token_id if audio_token_id is not None else int(m.get("audio_token_id", AUDIO_TOKEN_ID))
+    return EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, audio_token_id=audio_id,
+                                    freeze_vision=freeze_vision)
 
 
 def _record_texts(root: str, split: str, template: str = "vicuna_v1") -> list[str]:
@@ -120,14 +130,18 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
 
         multihost_utils.sync_global_devices("emollm_jax.prepare_data")
     image_id = int(config.model.image_token_id)
-    return DataSetup(root=root, tokenizer_path=tok_path, image_token_id=None if image_id == -1 else image_id)
+    has_audio = audio_parts(config.model)[0] is not None
+    audio_id = int(config.model.get("audio_token_id", AUDIO_TOKEN_ID)) if has_audio else None
+    return DataSetup(root=root, tokenizer_path=tok_path, image_token_id=None if image_id == -1 else image_id,
+                     audio_token_id=audio_id)
 
 
 def load_tokenizer(setup: DataSetup):
     """The run's tokenizer (data_pipeline.text.Tokenizer)."""
     from data_pipeline.text import load_tokenizer as _load
 
-    return _load(setup.tokenizer_path, image_token_id=setup.image_token_id)
+    return _load(setup.tokenizer_path, image_token_id=setup.image_token_id,
+                 audio_token_id=setup.audio_token_id)
 
 
 def new_model(cfg: EmoLLMConfig, seed: int) -> EmoLLM:
@@ -144,9 +158,9 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
                          init_from: str | None = None) -> None:
     """Overwrites `model`'s parameters in place from `--init_from` / `config.init.*`.
 
-    `hf` / `init_from`: a whole-model HF dir (LLaVA layout) or the conversion CLI's orbax output; `llm` and
-    `vision`: HF dirs for one tower each (LLaVA-1.5 recipe: pretrained towers, fresh projector); `params`: an
-    orbax params-only checkpoint of this EmoLLM.
+    `hf` / `init_from`: a whole-model HF dir (LLaVA layout) or the conversion CLI's orbax output; `llm`,
+    `vision` and `audio`: HF dirs for one tower each (LLaVA-1.5 recipe: pretrained towers, fresh projectors);
+    `params`: an orbax params-only checkpoint of this EmoLLM (audio parts included).
     """
     from flax import nnx
 
@@ -158,24 +172,32 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
         sources.append(("llm", config.init.llm))
     if config.init.vision:
         sources.append(("vision", config.init.vision))
+    if config.init.get("audio"):
+        if model.audio is None:
+            raise ValueError(f"config.init.audio={config.init.audio}: the model has no audio tower "
+                             "(config.model.audio.kind='none')")
+        sources.append(("audio", config.init.audio))
     for part, path in sources:
         target = getattr(model, part) if part else model
         if Path(path).is_dir() and (Path(path) / "config.json").exists():
             from emollm_jax.convert import load_hf
 
-            loaded = load_hf(path, dtype=model.config.text.param_dtype)
-            if part == "vision" and hasattr(loaded, "vision"):
-                loaded = loaded.vision
-            if not part and _projector_differs(loaded, model):
-                # A LLaVA checkpoint under an MVP (or other) projector: take its two towers, keep the
-                # configured projector freshly initialised (LLaVA-1.5's recipe for a new projector).
-                log.info("%s has a %s projector, the config a %s one: loading the towers only", path,
-                         loaded.config.projector.kind, model.config.projector.kind)
-                for tower in ("llm", "vision"):
-                    new = nnx.state(getattr(loaded, tower), nnx.Param)
-                    _check_same_shapes(nnx.state(getattr(model, tower), nnx.Param), new,
-                                       f"init_from={path} ({tower})")
-                    nnx.update(getattr(model, tower), new)
+            dtype = (model.config.audio if part == "audio" else model.config.text).param_dtype
+            loaded = load_hf(path, dtype=dtype)
+            if part in ("vision", "audio") and isinstance(loaded, EmoLLM):
+                loaded = getattr(loaded, part)
+            kept = _shared_parts(loaded, model) if not part else None
+            if kept is not None:
+                # A LLaVA checkpoint under an MVP (or other) projector, or without the configured audio
+                # parts: take the parts it shares with the model, keep the others freshly initialised
+                # (LLaVA-1.5's recipe for a new projector).
+                log.info("%s holds the model's %s; the configured %s start fresh", path, ", ".join(kept),
+                         ", ".join(p for p in _PARTS if p not in kept and getattr(model, p) is not None))
+                for name in kept:
+                    new = nnx.state(getattr(loaded, name), nnx.Param)
+                    _check_same_shapes(nnx.state(getattr(model, name), nnx.Param), new,
+                                       f"init_from={path} ({name})")
+                    nnx.update(getattr(model, name), new)
                 continue
             new = nnx.state(loaded, nnx.Param)
         else:
@@ -194,8 +216,21 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
         log.info("loaded params from %s", config.init.params)
 
 
-def _projector_differs(loaded: Any, model: EmoLLM) -> bool:
-    return isinstance(loaded, EmoLLM) and loaded.config.projector != model.config.projector
+_PARTS = ("llm", "vision", "projector", "audio", "audio_projector")
+
+
+def _shared_parts(loaded: Any, model: EmoLLM) -> list[str] | None:
+    """The parts a loaded whole EmoLLM shares with `model` when its projector or its audio parts differ from
+    the configured ones (None when it is the configured model, or not an EmoLLM)."""
+    if not isinstance(loaded, EmoLLM):
+        return None
+    same = {"llm": True, "vision": True}
+    for name in ("projector", "audio", "audio_projector"):
+        mine, theirs = getattr(model.config, name), getattr(loaded.config, name)
+        same[name] = mine is not None and mine == theirs
+    if all(same[p] or getattr(model.config, p) is None for p in same):
+        return None
+    return [p for p in _PARTS if same[p]]
 
 
 def _check_same_shapes(old: Any, new: Any, where: str) -> None:

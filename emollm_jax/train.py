@@ -68,7 +68,8 @@ class TrainConfig(Section):
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media")
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media",
+              "audio_features", "audio_media")
 
 
 class StageData(Protocol):
@@ -182,6 +183,7 @@ def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tu
     """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS)."""
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
+                   audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
                    return_hidden=True)
     return token_cross_entropy(model.llm.logits, hidden, batch["targets"], batch["loss_mask"], chunk)
 
@@ -242,14 +244,16 @@ def abstract_model(model_cfg: EmoLLMConfig, seed: int = 0) -> tuple[nnx.GraphDef
 
 def build_stage(config: ml_collections.ConfigDict, index: int, base_cfg: EmoLLMConfig,
                 mesh: jax.sharding.Mesh, total_steps: int) -> StageState:
-    """Optimizer, shardings and the jitted step for stage `config.stage_order[index]`. The vision tower sits
-    under stop_gradient unless the stage trains it, so frozen-tower stages skip its backward pass."""
+    """Optimizer, shardings and the jitted step for stage `config.stage_order[index]`. The vision and audio
+    towers sit under stop_gradient unless the stage trains them, so frozen-tower stages skip their backward
+    pass."""
     from emollm_jax.optim import make_optimizer
 
     name = config.stage_order[index]
     stage = config.stages[name]
     trainable = tuple(stage.trainable)
-    model_cfg = dataclasses.replace(base_cfg, freeze_vision="vision" not in trainable)
+    model_cfg = dataclasses.replace(base_cfg, freeze_vision="vision" not in trainable,
+                                    freeze_audio="audio" not in trainable)
     graphdef, abstract_params, rest = abstract_model(model_cfg, config.seed)
     opt = make_optimizer(stage, abstract_params, total_steps)
     tx, lr_fn = opt.tx, opt.lr_fn
