@@ -98,8 +98,14 @@ def _tiny() -> ml_collections.ConfigDict:
     # chaotic at that length); 1600 steps fit the training set (loss ~0.02) and read the captions' flips:
     # mean 0.95.
     c.stages.emotional = StageConfig.defaults(
-        name="emotional", tasks=EMOTION_TASKS, trainable=("vision", "projector", "llm"), lr=2e-3, steps=1600,
-        batch_size=16, weight_decay=0.01, warmup_ratio=0.05)
+        name="emotional", tasks=EMOTION_TASKS, trainable=("vision", "audio", "projector", "llm"), lr=2e-3,
+        steps=1600, batch_size=16, weight_decay=0.01, warmup_ratio=0.05)
+    # A Whisper tower as small as the ViT: 16 mel bins over 2 s windows (mini-EmoBench's utterances), 100
+    # positions, one layer; the audio projector averages them into 10 tokens (0.2 s each). Trained from
+    # random like the vision tower.
+    c.model.audio = WhisperConfig.block(num_mel_bins=16, hidden_size=32, intermediate_size=64, num_layers=1,
+                                        num_heads=4, max_source_positions=100)
+    c.model.audio_projector = PoolMLPConfig.block(tokens_per_window=10, pooling="mean")
     # Plain-sum MVP without the CLS "global" perspective: from random towers the gated/global variant learned
     # the image cues more slowly (teacher-forced EmoBench mean 0.37 vs 0.52 after 250 stage-2 steps).
     c.model.projector.update(perspectives=("token", "relation", "multilevel"), fusion="sum")

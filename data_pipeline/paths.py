@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+FROM_VIDEO = "from_video"  # a record's `audio` value meaning: the sound track of the record's own video file
 
 
 def media_paths(record: Mapping[str, Any]) -> tuple[str | None, list[str]]:

@@ -5,6 +5,9 @@ emo_o, intent, hate, humor, sarcasm) and their plain mean; objective tasks (capt
 it, not in the mean. Macro-F1 and a confusion matrix per task are our additions. An answer that cannot be
 mapped to a label counts as wrong and is listed in the report.
 
+Each task is also scored per input kind (image, video, audio, image+audio, video+audio, text), so the
+blank-image and silent-audio controls show which records lose their cue.
+
 Outputs under `<workdir>/eval/`: results.json, report.md, predictions.jsonl, confusion_<task>.png.
 """
 
@@ -33,6 +36,7 @@ class EvalConfig(Section):
     max_new_tokens: int = 8    # answer budget
     max_examples: int = 0      # per task; 0 = the whole split
     control_split: str = ""    # blank-image control split; empty: `<eval_split>_blank` when present
+    audio_control_split: str = ""  # silent-audio control split; empty: `<eval_split>_silent` when present
     synonyms: str = ""         # JSON file extending the answer parser's synonym table
 
     def check(self) -> None:
@@ -99,6 +103,7 @@ class Prediction:
     gold: str
     split: str = ""
     options: tuple[str, ...] = ()
+    media: str = ""  # the record's input kind (`data_pipeline.pipeline.media_kind`)
 
 
 def task_order(tasks: Iterable[str]) -> list[str]:
@@ -122,7 +127,7 @@ def parse_predictions(metas: Sequence[Mapping[str, Any]], answers: Sequence[str]
         parsed = parser.parse(answer, task, options if task not in OPEN_SET_TASKS else None, label_space)
         out.append(Prediction(id=str(m["id"]), task=task, prompt=str(m.get("prompt", "")), answer=answer,
                               parsed=parsed, gold=str(m.get("label", "")), split=split,
-                              options=tuple(options)))
+                              options=tuple(options), media=str(m.get("media") or "")))
     return out
 
 
@@ -154,11 +159,22 @@ def score(predictions: Sequence[Prediction]) -> dict[str, Any]:
             "objective": task not in EMOBENCH_TASKS,
             "labels": labels,
             "confusion": confusion_matrix(parsed, golds, labels).tolist(),
+            "by_media": _by_media(preds),
         }
     present = [t for t in EMOBENCH_TASKS if t in tasks]
     mean = float(np.mean([tasks[t]["accuracy"] for t in present])) if present else float("nan")
     return {"n": len(predictions), "tasks": tasks, "emobench_mean": mean, "emobench_tasks": present,
             "emobench_missing": [t for t in EMOBENCH_TASKS if t not in tasks]}
+
+
+def _by_media(preds: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
+    """n / correct / accuracy of a task's predictions per input kind (records without one: none)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({p.media for p in preds if p.media}):
+        some = [p for p in preds if p.media == kind]
+        correct = sum(_same(p.parsed, p.gold) for p in some)
+        out[kind] = {"n": len(some), "correct": correct, "accuracy": correct / len(some)}
+    return out
 
 
 def control_drop(main: Mapping[str, Any], control: Mapping[str, Any]) -> dict[str, float]:
@@ -178,7 +194,7 @@ def write_outputs(out_dir: str | os.PathLike, results: Mapping[str, Any],
     out_dir = Path(out_dir)
     rows = [dataclasses.asdict(p) for p in predictions]
     eval_report.write_jsonl(out_dir / "predictions.jsonl",
-                            ({k: v for k, v in r.items() if k != "options"} for r in rows))
+                            ({k: v for k, v in r.items() if k not in ("options", "media")} for r in rows))
     eval_report.write_json(out_dir / "results.json", results)
     report = eval_report.render_report(results, rows)
     eval_report.atomic_write(out_dir / "report.md", lambda f: f.write(report))
@@ -189,8 +205,10 @@ def write_outputs(out_dir: str | os.PathLike, results: Mapping[str, Any],
 
 
 def assemble_results(per_split: Mapping[str, Mapping[str, Any]], main_split: str,
-                     control_split: str | None, *, checkpoint: str | None = None) -> dict[str, Any]:
-    """results.json content: every split's scores, the main split's headline numbers, the control drop."""
+                     control_split: str | None, *, checkpoint: str | None = None,
+                     audio_control_split: str | None = None) -> dict[str, Any]:
+    """results.json content: every split's scores, the main split's headline numbers, and the drops on the
+    blank-image control (`control`) and the silent-audio control (`audio_control`)."""
     main = per_split[main_split]
     results: dict[str, Any] = {
         "split": main_split,
@@ -199,11 +217,13 @@ def assemble_results(per_split: Mapping[str, Mapping[str, Any]], main_split: str
         "accuracy": {t: r["accuracy"] for t, r in main["tasks"].items()},
         "splits": dict(per_split),
         "control": None,
+        "audio_control": None,
     }
-    if control_split and control_split in per_split:
-        control = per_split[control_split]
-        results["control"] = {"split": control_split, "tasks": control["tasks"],
-                              "emobench_mean": control["emobench_mean"], "drop": control_drop(main, control)}
+    for key, split in (("control", control_split), ("audio_control", audio_control_split)):
+        if split and split in per_split:
+            control = per_split[split]
+            results[key] = {"split": split, "tasks": control["tasks"],
+                            "emobench_mean": control["emobench_mean"], "drop": control_drop(main, control)}
     return results
 
 
@@ -241,6 +261,7 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
     for batch, rows in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
         out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
+                          audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
                           max_new_tokens=max_new_tokens, eos_id=tuple(int(t) for t in stop_ids),
                           pad_id=tokenizer.pad_id)
         tokens = np.asarray(out)
@@ -262,7 +283,8 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     from emollm_jax import experiment
 
     model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                        image_token_id=tokenizer.image_token_id)
+                                        image_token_id=tokenizer.image_token_id,
+                                        audio_token_id=getattr(tokenizer, "audio_token_id", None))
     model = experiment.new_model(model_cfg, int(config.seed))
     if init_from:
         experiment.load_initial_weights(config, model, init_from)
@@ -358,7 +380,8 @@ def answer_parser(config: Any) -> AnswerParser:
 def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
              splits: Sequence[str] | None = None, init_from: str | None = None,
              out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluates on `splits` (default: `config.data.eval_split` and its blank-image control when present) and
+    """Evaluates on `splits` (default: `config.data.eval_split`, and its blank-image and silent-audio controls
+    when present) and
     writes `<workdir>/eval/{results.json, report.md, predictions.jsonl, confusion_<task>.png}`.
 
     `model`/`tokenizer` skip loading (e.g. right after training). Returns the results.json content.
@@ -374,8 +397,9 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
         model, checkpoint = load_model(config, workdir, tokenizer, init_from)
     main_split = config.data.eval_split
     control = config.eval.get("control_split", "") or f"{main_split}_blank"
+    silent = config.eval.get("audio_control_split", "") or f"{main_split}_silent"
     if splits is None:
-        splits = [main_split] + ([control] if (Path(setup.root) / f"{control}.jsonl").exists() else [])
+        splits = [main_split] + [c for c in (control, silent) if (Path(setup.root) / f"{c}.jsonl").exists()]
     prefix = emoprompt.from_config(config, setup.root, workdir)
     parser = answer_parser(config)
     stops = stop_ids(config, tokenizer)
@@ -398,7 +422,8 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
         per_split[split] = score(preds)
         predictions += preds
     results = assemble_results(per_split, splits[0], control if control != splits[0] else None,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint,
+                               audio_control_split=silent if silent != splits[0] else None)
     if jax.process_index() == 0:
         write_outputs(Path(out_dir) if out_dir else Path(workdir) / "eval", results, predictions)
     return results

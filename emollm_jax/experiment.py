@@ -107,16 +107,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
         Path(tok_path) / "tokenizer.json").exists()
     if jax.process_index() == 0:
         if must_generate:
-            from data_pipeline import mini_emobench
-
-            log.info("generating mini-EmoBench into %s", root)
-            sizes = None
-            if config.data.mini_train_per_task or config.data.mini_test_per_task:
-                n_train, n_test = int(config.data.mini_train_per_task), int(config.data.mini_test_per_task)
-                sizes = {task: (n_train or train, n_test or test)
-                         for task, (train, test) in mini_emobench.DEFAULT_SIZES.items()}
-            mini_emobench.generate(root, seed=int(config.seed), sizes=sizes,
-                                   video_files=bool(config.data.mini_video_files))
+            _generate_mini(config, root)
         if must_tokenize:
             from data_pipeline.text import train_tiny_tokenizer
 
@@ -134,6 +125,21 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     audio_id = int(config.model.get("audio_token_id", AUDIO_TOKEN_ID)) if has_audio else None
     return DataSetup(root=root, tokenizer_path=tok_path, image_token_id=None if image_id == -1 else image_id,
                      audio_token_id=audio_id)
+
+
+def _generate_mini(config: ml_collections.ConfigDict, root: str) -> None:
+    """mini-EmoBench at the configured sizes; its voice records only for a model with an audio tower."""
+    from data_pipeline import mini_emobench
+
+    log.info("generating mini-EmoBench into %s", root)
+    n_train, n_test = int(config.data.mini_train_per_task), int(config.data.mini_test_per_task)
+
+    def sized(default: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        return {task: (n_train or train, n_test or test) for task, (train, test) in default.items()}
+
+    sound = sized(mini_emobench.SOUND_SIZES) if audio_parts(config.model)[0] is not None else None
+    mini_emobench.generate(root, seed=int(config.seed), sizes=sized(mini_emobench.DEFAULT_SIZES),
+                           sound_sizes=sound, video_files=bool(config.data.mini_video_files))
 
 
 def load_tokenizer(setup: DataSetup):

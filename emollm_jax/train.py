@@ -384,7 +384,8 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
     setup = experiment.prepare_data(config, workdir)
     tokenizer = experiment.load_tokenizer(setup)
     base_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                       image_token_id=tokenizer.image_token_id)
+                                       image_token_id=tokenizer.image_token_id,
+                                       audio_token_id=getattr(tokenizer, "audio_token_id", None))
     ckpt = Checkpointer(workdir_p / "checkpoints", max_to_keep=int(config.train.max_to_keep),
                         save_interval_steps=int(config.train.checkpoint_every))
     peak, peak_source = flops.device_peak_flops()

@@ -203,7 +203,8 @@ def test_freeze_audio_stops_gradients_at_the_tower(model):
 def test_audio_group_trains_per_stage_and_the_positions_never(model):
     params, grads = _loss_grads(model, False)
     labels = flat_leaves(optim.group_labels(params))
-    assert labels["audio/conv1/kernel"] == "audio" and labels["audio_projector/linear_1/kernel"] == "projector"
+    assert labels["audio/conv1/kernel"] == "audio"
+    assert labels["audio_projector/linear_1/kernel"] == "projector"
     assert labels["audio/embed_positions"] == optim.FIXED
     assert flat_leaves(optim.decay_mask(params))["audio/embed_positions"] is False
     stage = dict(trainable=("audio", "projector"), lr=1e-2, weight_decay=0.5, grad_clip=1.0)
