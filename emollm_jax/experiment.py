@@ -185,11 +185,15 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
         sources.append(("audio", config.init.audio))
     for part, path in sources:
         target = getattr(model, part) if part else model
-        if Path(path).is_dir() and (Path(path) / "config.json").exists():
+        # The conversion CLI's output holds a model without audio parts: read it as a model, to take the parts
+        # it shares with one that has them (a plain restore would miss the audio keys).
+        converted = not part and model.audio is not None and (Path(path) / "convert.json").is_file()
+        if Path(path).is_dir() and ((Path(path) / "config.json").exists() or converted):
             from emollm_jax.convert import load_hf
+            from emollm_jax.convert.orbax_params import load_params
 
             dtype = (model.config.audio if part == "audio" else model.config.text).param_dtype
-            loaded = load_hf(path, dtype=dtype)
+            loaded = load_params(path) if converted else load_hf(path, dtype=dtype)
             if part in ("vision", "audio") and isinstance(loaded, EmoLLM):
                 loaded = getattr(loaded, part)
             kept = _shared_parts(loaded, model) if not part else None
@@ -199,11 +203,7 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
                 # (LLaVA-1.5's recipe for a new projector).
                 log.info("%s holds the model's %s; the configured %s start fresh", path, ", ".join(kept),
                          ", ".join(p for p in _PARTS if p not in kept and getattr(model, p) is not None))
-                for name in kept:
-                    new = nnx.state(getattr(loaded, name), nnx.Param)
-                    _check_same_shapes(nnx.state(getattr(model, name), nnx.Param), new,
-                                       f"init_from={path} ({name})")
-                    nnx.update(getattr(model, name), new)
+                _load_parts(model, loaded, kept, path)
                 continue
             new = nnx.state(loaded, nnx.Param)
         else:
@@ -223,6 +223,17 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
 
 
 _PARTS = ("llm", "vision", "projector", "audio", "audio_projector")
+
+
+def _load_parts(model: EmoLLM, loaded: EmoLLM, parts: list[str], path: str) -> None:
+    """Copies `parts` of `loaded` into `model`, cast to `model`'s parameter dtypes."""
+    from flax import nnx
+
+    for name in parts:
+        old = nnx.state(getattr(model, name), nnx.Param)
+        new = nnx.state(getattr(loaded, name), nnx.Param)
+        _check_same_shapes(old, new, f"init_from={path} ({name})")
+        nnx.update(getattr(model, name), jax.tree.map(lambda n, o: n.astype(o.dtype), new, old))
 
 
 def _shared_parts(loaded: Any, model: EmoLLM) -> list[str] | None:

@@ -250,3 +250,72 @@ def test_audio_parts_shard_by_their_logical_names(model):
     assert shardings["audio/layers/0/fc1/kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert shardings["audio/embed_positions"].spec == jax.sharding.PartitionSpec(None, "fsdp")
     assert shardings["audio_projector/linear_1/kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+# ------------------------------------------------------------------------------------- weights in and out
+
+
+def _init(**paths):
+    return ml_collections.ConfigDict({"init": {"hf": "", "llm": "", "vision": "", "audio": "", "params": "",
+                                               **paths}})
+
+
+def _params(module):
+    return {k: np.asarray(v) for k, v in flat_leaves(nnx.state(module, nnx.Param)).items()}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_init_audio_loads_a_whisper_checkpoint_into_the_tower(tmp_path):
+    from test_whisper import _encoder, make_hf
+
+    from emollm_jax import experiment
+    from emollm_jax.convert import load_hf
+
+    make_hf(tmp_path / "whisper", "WhisperForConditionalGeneration", _encoder(8, 16, 1, 2, 32, 8))
+    model = EmoLLM(_cfg(), rngs=nnx.Rngs(0))
+    before = {part: _params(getattr(model, part)) for part in ("llm", "vision", "audio_projector")}
+    experiment.load_initial_weights(_init(audio=str(tmp_path / "whisper")), model)
+    _same(_params(model.audio), _params(load_hf(tmp_path / "whisper")))
+    for part, params in before.items():  # nothing else moved
+        _same(_params(getattr(model, part)), params)
+    deaf = EmoLLM(dataclasses.replace(_cfg(), audio=None, audio_projector=None, audio_token_id=None),
+                  rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="config.init.audio=.*the model has no audio tower"):
+        experiment.load_initial_weights(_init(audio=str(tmp_path / "whisper")), deaf)
+
+
+def test_params_checkpoints_carry_the_audio_parts(tmp_path, model):
+    """A training or params-only checkpoint holds the audio tower and projector: restored into a fresh model
+    (init.params, or evaluation's latest checkpoint) it gives the same answers to a sound."""
+    from emollm_jax import checkpoint, experiment
+
+    checkpoint.save_params(tmp_path / "params", nnx.state(model, nnx.Param))
+    other = EmoLLM(model.config, rngs=nnx.Rngs(7))
+    assert not np.allclose(_params(other.audio)["conv1/kernel"], _params(model.audio)["conv1/kernel"])
+    experiment.load_initial_weights(_init(params=str(tmp_path / "params")), other)
+    _same(_params(other), _params(model))
+    ids = _ids([[(1, 4, AUD)]], 8)
+    sound = _mels(1, 1)
+    np.testing.assert_array_equal(other(ids, audio_features=sound), model(ids, audio_features=sound))
+
+
+def test_a_llava_checkpoint_gives_its_parts_and_the_audio_parts_start_fresh(tmp_path, model):
+    from emollm_jax import experiment
+    from emollm_jax.convert import save_hf
+
+    with pytest.raises(ValueError, match="HF Llava has no audio tower"):
+        save_hf(model, tmp_path / "nope")
+    plain = EmoLLM(dataclasses.replace(_cfg(), audio=None, audio_projector=None, audio_token_id=None),
+                   rngs=nnx.Rngs(3))
+    save_hf(plain, tmp_path / "llava")
+    fresh = EmoLLM(_cfg(), rngs=nnx.Rngs(0))
+    audio_before = _params(fresh.audio)
+    experiment.load_initial_weights(_init(), fresh, init_from=str(tmp_path / "llava"))
+    for part in ("llm", "vision", "projector"):
+        _same(_params(getattr(fresh, part)), _params(getattr(plain, part)))
+    _same(_params(fresh.audio), audio_before)
