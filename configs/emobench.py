@@ -23,12 +23,15 @@ from emollm_jax.configuration import ConfigError
 from emollm_jax.data import DataConfig
 from emollm_jax.emoprompt import EmoPromptConfig
 from emollm_jax.evaluate import EvalConfig
-from emollm_jax.experiment import InitConfig
+from emollm_jax.experiment import AUDIO_TOKEN_ID, InitConfig
 from emollm_jax.lora import LoRAConfig
+from emollm_jax.models.audio_projectors import PoolMLPConfig
 from emollm_jax.models.clip import CLIPConfig
+from emollm_jax.models.emollm import NO_AUDIO
 from emollm_jax.models.llama import Llama3Config, LlamaConfig, Qwen2Config
 from emollm_jax.models.projectors import MVPConfig
 from emollm_jax.models.siglip import SiglipConfig
+from emollm_jax.models.whisper import WhisperConfig
 from emollm_jax.optim import StageConfig
 from emollm_jax.plan import PlanConfig
 from emollm_jax.sharding import DEFAULT_RULES, MeshConfig
@@ -63,6 +66,14 @@ def _base() -> ml_collections.ConfigDict:
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select = "patch"
     c.model.video_pooling = "concat"
+    # Sound: an audio tower kind (`whisper`, whisper-base's shape by default) or "none"; the audio projector
+    # pools each window to a fixed number of tokens. `--config.model.audio.kind=whisper` turns it on.
+    c.model.audio = WhisperConfig.block()
+    c.model.audio.kind = NO_AUDIO
+    c.model.audio_projector = PoolMLPConfig.block()
+    # Written at <audio> positions when the tokenizer has no <audio> token: a placeholder outside the
+    # vocabulary, as LLaVA's -200 for images (the model replaces it before any embedding lookup).
+    c.model.audio_token_id = AUDIO_TOKEN_ID
 
     c.data = DataConfig.defaults(template="vicuna_v1")
     c.emoprompt = EmoPromptConfig.defaults()
@@ -94,8 +105,14 @@ def _tiny() -> ml_collections.ConfigDict:
     # chaotic at that length); 1600 steps fit the training set (loss ~0.02) and read the captions' flips:
     # mean 0.95.
     c.stages.emotional = StageConfig.defaults(
-        name="emotional", tasks=EMOTION_TASKS, trainable=("vision", "projector", "llm"), lr=2e-3, steps=1600,
-        batch_size=16, weight_decay=0.01, warmup_ratio=0.05)
+        name="emotional", tasks=EMOTION_TASKS, trainable=("vision", "audio", "projector", "llm"), lr=2e-3,
+        steps=1600, batch_size=16, weight_decay=0.01, warmup_ratio=0.05)
+    # A Whisper tower as small as the ViT: 16 mel bins over 2 s windows (mini-EmoBench's utterances), 100
+    # positions, one layer; the audio projector averages them into 10 tokens (0.2 s each). Trained from
+    # random like the vision tower.
+    c.model.audio = WhisperConfig.block(num_mel_bins=16, hidden_size=32, intermediate_size=64, num_layers=1,
+                                        num_heads=4, max_source_positions=100)
+    c.model.audio_projector = PoolMLPConfig.block(tokens_per_window=10, pooling="mean")
     # Plain-sum MVP without the CLS "global" perspective: from random towers the gated/global variant learned
     # the image cues more slowly (teacher-forced EmoBench mean 0.37 vs 0.52 after 250 stage-2 steps).
     c.model.projector.update(perspectives=("token", "relation", "multilevel"), fusion="sum")

@@ -4,6 +4,7 @@
     wave = load_audio("clip.mp4")                  # float32[S]: the container's audio track, 16 kHz mono
     mel = log_mel_spectrogram(wave, n_mels=80)     # float32[80, 3000]: its first 30 s, padded as Whisper pads
     windows = log_mel_windows(wave, n_mels=128)    # float32[W, 128, 3000]: every 30 s window of a longer clip
+    wave = record_sound(record, data_root)         # a record's sound: its `audio` file or its video's track
 
 The front end computes what transformers' `WhisperFeatureExtractor` computes (its PyTorch path): the waveform
 truncated or zero-padded to the window, a 400-point periodic-Hann STFT every 160 samples with reflect padding
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from data_pipeline.paths import FROM_VIDEO, resolve_media_path
 
 SAMPLE_RATE = 16_000  # Hz: what every Whisper checkpoint reads
 N_FFT = 400  # 25 ms analysis window
@@ -216,3 +219,38 @@ def load_audio(src: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.ndarra
     if not sum(c.size for c in chunks):
         raise AudioError(f"{name}: the audio track holds no samples")
     return np.concatenate(chunks).astype(np.float32) / np.float32(32768.0)
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def record_sound(record: dict, data_root: str | os.PathLike | None) -> np.ndarray:
+    """A record's sound as float32[S], 16 kHz mono: its `audio` file (a path under `data_root`), or with
+    `"audio": "from_video"` the sound track of its video (`video` file or embedded `video_bytes`). Errors
+    name the record and the file."""
+    rid = record.get("id", "<no id>")
+    value = record.get("audio")
+    try:
+        if value == FROM_VIDEO:
+            if record.get("video_bytes") is not None:
+                return load_audio(bytes(record["video_bytes"]))
+            video = record.get("video")
+            if not isinstance(video, str):
+                raise AudioError(f"audio={FROM_VIDEO!r} needs a video file, and the record's video is "
+                                 f"{video!r}")
+            return load_audio(resolve_media_path(video, data_root))
+        if not isinstance(value, str) or not value:
+            raise AudioError(f"audio={value!r}: expected a file path or {FROM_VIDEO!r}")
+        return load_audio(resolve_media_path(value, data_root))
+    except (AudioError, ValueError) as e:
+        raise AudioError(f"record {rid}: {e}") from e
+
+
+def sound_problem(path: Path) -> str | None:
+    """Why the file at `path` gives no usable sound (missing, empty, corrupt, no audio track, no samples,
+    an unsupported rate), or None when it decodes."""
+    try:
+        load_audio(path)
+    except AudioError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None

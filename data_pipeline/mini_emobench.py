@@ -1,6 +1,6 @@
 """mini-EmoBench: a deterministic, procedurally drawn EmoBench stand-in that a tiny model learns in minutes.
 
-`python -m data_pipeline.mini_emobench --out DIR [--seed S] [--blank-control] [--video-files]`
+`python -m data_pipeline.mini_emobench --out DIR [--seed S] [--blank-control] [--video-files] [--sound]`
 
 Every label follows from large visible cues at 64x64 (16x16 patches): a face filling the image whose brows,
 eyes and mouth encode one of six emotions; a held object or night scene for intent; the face colour, weather
@@ -11,8 +11,16 @@ Hate / humor / sarcasm are a clash between a binary text feature and a binary im
 alone are at chance (each caption occurs equally often with both labels), but the text feature is skewed
 4:1 as in real data (most sarcastic posts use positive words), so the image alone predicts 80% and the
 caption flips the rest. A balanced pure XOR would give gradient descent no marginal signal to start from.
+
+With sound (`sound_sizes`, `--sound`), emo_c and sarcasm also get voice records: a 2 s utterance whose
+prosody (pitch level and contour, tempo, loudness, voice quality) says the emotion, asked about with an
+`<audio>` marker; in voice sarcasm the words are in the text and the tone of voice agrees or clashes with
+them, with the same 4:1 skew. `test_silent.jsonl` repeats the test split with every sound replaced by
+silence, as `test_blank.jsonl` does with the pictures.
+
 `card.json` states the rules. Same seed -> byte-identical files. This module picks the scenes, labels, texts
-and files; `data_pipeline.mini_emobench_draw` draws the pictures.
+and files; `data_pipeline.mini_emobench_draw` draws the pictures, `data_pipeline.mini_emobench_voice`
+synthesises the voices.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipeline import mini_emobench_voice as voice
 from data_pipeline.mini_emobench_draw import (
     BACKGROUNDS,
     IMAGE_SIZE,
@@ -39,9 +48,9 @@ from data_pipeline.mini_emobench_draw import (
     draw_shapes,
     draw_weather,
 )
-from data_pipeline.records import IMAGE_MARKER, VIDEO_MARKER
+from data_pipeline.records import AUDIO_MARKER, IMAGE_MARKER, VIDEO_MARKER
 
-VERSION = 2
+VERSION = 3
 NUM_FRAMES = 4
 EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
 INTENTS = ("to be left alone", "to eat", "to get help", "to play", "to sleep")
@@ -51,7 +60,9 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {  # task -> (train, test)
     "emo_c": (400, 60), "emo_o": (400, 60), "intent": (400, 60), "hate": (400, 60), "humor": (400, 60),
     "sarcasm": (400, 60), "caption": (300, 60), "vqa": (300, 60),
 }
+SOUND_SIZES: dict[str, tuple[int, int]] = {"emo_c": (300, 60), "sarcasm": (300, 60)}  # voice records
 BLANK_GREY = (128, 128, 128)
+SILENT = "audio/silent.wav"
 
 # Emotion -> (brows, eyes, mouth, tears); every part is drawn large so one 16x16 patch row shows it.
 CUES = {
@@ -336,6 +347,46 @@ def _items(task: str, split: str, n: int, rng: np.random.Generator, video_fracti
             yield _vqa_item(rid, rng)
 
 
+VOICE_INSTRUCTIONS = {
+    "emo_c": (
+        "Identify the emotion in the speaker's voice from the following options: [{options}].",
+        "Which emotion does the tone of voice express? Choose one of these options: [{options}].",
+    ),
+    "sarcasm": (
+        'The speaker says: "{caption}" Is this sarcastic? Answer yes or no.',
+        'Listen to how it is said: "{caption}" Is the speaker being sarcastic? Answer yes or no.',
+    ),
+}
+NEGATIVE_VOICES = ("sadness", "anger", "disgust")
+
+
+def _voice_item(task: str, rid: str, value, rng: np.random.Generator):
+    """(record, float32 waveform) of one voice record: emo_c from the prosody alone; sarcasm iff the tone of
+    voice (joy, or a negative emotion) disagrees with the words' tone."""
+    instruction = _pick(rng, VOICE_INSTRUCTIONS[task])
+    if task == "emo_c":
+        emotion = value
+        q = f"{AUDIO_MARKER}\n" + instruction.format(options=", ".join(EMOTIONS))
+        why = f"The speaker has {voice.describe(emotion)}, which signals {emotion}."
+        rec = _record(rid, task, q, emotion, media="audio", label=emotion, options=EMOTIONS, rationale=why,
+                      meta={"voice_emotion": emotion})
+    else:
+        caption, tone, yes = value
+        emotion = "joy" if (tone == "positive") != yes else _pick(rng, NEGATIVE_VOICES)
+        q = f"{AUDIO_MARKER}\n" + instruction.format(caption=caption)
+        why = (f"The words sound {tone}, said in {voice.describe(emotion)} ({emotion}): "
+               f"{'they clash' if yes else 'they agree'}.")
+        meta = {"caption": caption, "caption_tone": tone, "voice_emotion": emotion}
+        rec = _record(rid, task, q, YES_NO[yes], media="audio", label=YES_NO[yes], options=YES_NO,
+                      rationale=why, meta=meta)
+    return rec, voice.synthesise(emotion, rng)
+
+
+def _voice_items(task: str, split: str, n: int, rng: np.random.Generator):
+    for i, value in enumerate(_balanced(rng, _task_values(task), n)):
+        yield _voice_item(task, f"{task}-voice-{split}-{i:05d}", value, rng)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -385,11 +436,18 @@ def _blank(records: list[dict], out: Path) -> list[dict]:
     return [{k: blank_path.get(k, v) for k, v in rec.items()} for rec in records]
 
 
+def _silent(records: list[dict], out: Path) -> list[dict]:
+    """The same records with every sound replaced by silence of the same length."""
+    voice.save_wav(voice.silence(), out / SILENT)
+    return [{k: SILENT if k == "audio" else v for k, v in rec.items()} for rec in records]
+
+
 def generate(
     out_dir: str | os.PathLike,
     seed: int = 0,
     sizes: Mapping[str, tuple[int, int]] | None = None,
     *,
+    sound_sizes: Mapping[str, tuple[int, int]] | None = None,
     blank_control: bool = True,
     video_files: bool = False,
     video_fraction: float = 0.3,
@@ -399,14 +457,18 @@ def generate(
     Files: `train.jsonl`, `test.jsonl`, `test_blank.jsonl` (if `blank_control`), `images/<id>.png`, videos as
     frame directories `videos/<id>/<t>.png` (with `video_files`, every other video instead points to
     `videos/<id>.mp4`), `card.json`. `sizes`: task -> (train, test) record counts (missing tasks: none).
+    `sound_sizes` (`SOUND_SIZES` gives the default job's): voice records per task, among `SOUND_SIZES`'
+    tasks, as `audio/<id>.wav`, plus `test_silent.jsonl` and `audio/silent.wav`; None or empty: no sound.
     """
     start = time.perf_counter()
     out = Path(out_dir)
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
-    if set(sizes) - set(DEFAULT_SIZES):
-        raise ValueError(f"sizes: unknown tasks {sorted(set(sizes) - set(DEFAULT_SIZES))}; "
-                         f"expected among {list(DEFAULT_SIZES)}")
-    for sub in ("images", "videos"):  # stale media from an earlier run must not survive
+    sound_sizes = dict(sound_sizes or {})
+    for name, given, known in (("sizes", sizes, DEFAULT_SIZES), ("sound_sizes", sound_sizes, SOUND_SIZES)):
+        if set(given) - set(known):
+            raise ValueError(f"{name}: unknown tasks {sorted(set(given) - set(known))}; "
+                             f"expected among {list(known)}")
+    for sub in ("images", "videos", "audio"):  # stale media from an earlier run must not survive
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
@@ -428,11 +490,21 @@ def generate(
                     rec["image"] = f"images/{rec['id']}.png"
                     _save_png(frames[0], out / rec["image"])
                 splits[split].append(rec)
+            n = sound_sizes.get(task, (0, 0))[s_idx]
+            rng = np.random.default_rng([seed, t_idx, s_idx, 1])  # voices: a stream of their own
+            for rec, sound in _voice_items(task, split, n, rng):
+                rec["audio"] = f"audio/{rec['id']}.wav"
+                voice.save_wav(sound, out / rec["audio"])
+                splits[split].append(rec)
     for split, recs in splits.items():
         _write_jsonl(recs, out / f"{split}.jsonl")
     if blank_control:
         _write_jsonl(_blank(splits["test"], out), out / "test_blank.jsonl")
-    card = _card(seed, sizes, splits, blank_control, video_files)
+    if sound_sizes:
+        _write_jsonl(_silent(splits["test"], out), out / "test_silent.jsonl")
+    else:  # a control of an earlier run's voices must not survive
+        (out / "test_silent.jsonl").unlink(missing_ok=True)
+    card = _card(seed, sizes, splits, blank_control, video_files, sound_sizes)
     tmp = out / "card.json.tmp"
     tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / "card.json")
@@ -461,11 +533,22 @@ RULES = {
     "blank_control": "test_blank.jsonl holds the test records with every image replaced by images/blank.png "
                      "and every video by videos/blank/ (grey): the emotional tasks should drop to chance.",
 }
+SOUND_RULES = {
+    "emo_c (voice)": "A 2 s utterance without words whose prosody encodes the emotion: "
+                     + "; ".join(f"{e}: {voice.describe(e)}" for e in EMOTIONS) + ". The options are listed.",
+    "sarcasm (voice)": "The words are in the text, the tone in the voice: sarcastic iff the voice's valence "
+                       "(joy vs sadness, anger or disgust) is the opposite of the words'. Every sentence "
+                       "occurs equally often with both labels; 80% sound positive, so the voice alone "
+                       "predicts 80% and the words decide the rest.",
+    "silent_control": f"test_silent.jsonl holds the test records with every sound replaced by {SILENT} "
+                      "(silence): the voice records should drop to chance, the others stay.",
+}
 
 
 def _card(seed: int, sizes: dict, splits: dict[str, list[dict]], blank_control: bool,
-          video_files: bool) -> dict:
-    counts: dict[str, dict[str, dict[str, int]]] = {s: {t: {} for t in sizes} for s in splits}
+          video_files: bool, sound_sizes: dict) -> dict:
+    counts: dict[str, dict[str, dict[str, int]]] = {s: {t: {} for t in {**sizes, **sound_sizes}}
+                                                     for s in splits}
     for split, recs in splits.items():
         for rec in recs:
             c = counts[split][rec["task"]]
@@ -474,10 +557,12 @@ def _card(seed: int, sizes: dict, splits: dict[str, list[dict]], blank_control: 
     return {
         "name": "mini-EmoBench", "version": VERSION, "seed": seed, "image_size": IMAGE_SIZE,
         "num_frames": NUM_FRAMES, "sizes": {t: {"train": a, "test": b} for t, (a, b) in sizes.items()},
+        "sound_sizes": {t: {"train": a, "test": b} for t, (a, b) in sound_sizes.items()},
+        "silent_control": bool(sound_sizes),
         "label_counts": counts, "blank_control": blank_control, "video_files": video_files,
         "label_sets": {"emo_c": list(EMOTIONS), "emo_o": list(EMOTIONS), "intent": list(INTENTS),
                        "hate": list(YES_NO), "humor": list(YES_NO), "sarcasm": list(YES_NO)},
-        "rules": RULES,
+        "rules": {**RULES, **(SOUND_RULES if sound_sizes else {})},
     }
 
 
@@ -489,12 +574,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blank-control", action=argparse.BooleanOptionalAction, default=True,
                         help="also write the blank-media control test_blank.jsonl (default: on)")
     parser.add_argument("--video-files", action="store_true", help="store every other video as an .mp4 file")
+    parser.add_argument("--sound", action="store_true",
+                        help="also write voice records (emo_c, sarcasm) and the silent-audio control")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every default split size")
     args = parser.parse_args(argv)
     sizes = {t: (round(a * args.scale), round(b * args.scale)) for t, (a, b) in DEFAULT_SIZES.items()}
-    card = generate(args.out, args.seed, sizes, blank_control=args.blank_control,
-                    video_files=args.video_files)
-    n = {s: sum(v[s] for v in card["sizes"].values()) for s in ("train", "test")}
+    sound = {t: (round(a * args.scale), round(b * args.scale)) for t, (a, b) in SOUND_SIZES.items()}
+    card = generate(args.out, args.seed, sizes, sound_sizes=sound if args.sound else None,
+                    blank_control=args.blank_control, video_files=args.video_files)
+    n = {s: sum(v[s] for part in ("sizes", "sound_sizes") for v in card[part].values())
+         for s in ("train", "test")}
     print(f"mini-EmoBench: {n['train']} train and {n['test']} test records in {card['out_dir']} "
           f"({card['seconds']:.1f} s)")
     return 0

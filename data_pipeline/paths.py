@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+FROM_VIDEO = "from_video"  # a record's `audio` value meaning: the sound track of the record's own video file
 
 # Largest image (width x height) decoded by default: 16.8 Mpx, e.g. 4096 x 4096, more than five times the side
 # of a 336-768 px model input and above a 12 Mpx phone photo. A larger image is an error naming the file

@@ -10,7 +10,8 @@ Training chain (per mixture part, then mixed):
 Every record keeps its own file and line (an ArrayRecord record the file and line it was converted from), so
 a skipped record is logged, and an exhausted budget reported, in the user's terms.
 
-`encode` decodes the media (`media.load_media`) and tokenizes the conversation (`text.encode_conversation`).
+`encode` decodes the media (`media.load_media`) and the sound (`audio.record_sound`, then the audio tower's
+log-mel windows) and tokenizes the conversation (`text.encode_conversation`).
 Skipping and batching run in the calling process, after the workers, so the error budget counts every
 skipped record exactly once and batches do not depend on the worker count.
 
@@ -29,7 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import media, mixture, text
+from data_pipeline import audio, media, mixture, text
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
 from data_pipeline.records import TASKS, ErrorBudget, RecordError, media_layout
 from data_pipeline.sources import SourceSpec, open_source
@@ -73,6 +74,10 @@ class PipelineSpec:
       visual_tokens_per_frame, video_pooling ("concat" | "mean"): a media item of F frames becomes
         `F * visual_tokens_per_frame` image tokens ("concat") or `visual_tokens_per_frame` ("mean"),
         i.e. the model's `visual_tokens_per_media(cfg, F)`; or give `visual_tokens_fn(F) -> int` directly.
+    Sound (`audio_mels` 0: the model has no audio tower, and a record with sound is invalid):
+      audio_mels, audio_window_seconds: the audio tower's front end (`audio.log_mel_windows`).
+      audio_windows: A, the window slots per sample; a longer sound keeps its first A windows.
+      audio_tokens_fn: windows -> audio tokens of one sound (the model's `audio_tokens_per_item`).
     Batching:
       batch_size: per process. seq_buckets: increasing lengths; a batch is padded to the smallest bucket
         holding its longest sequence, so the trainer compiles at most `len(seq_buckets)` shapes.
@@ -98,6 +103,10 @@ class PipelineSpec:
     visual_tokens_per_frame: int = 16
     video_pooling: str = "concat"
     visual_tokens_fn: Callable[[int], int] | None = None
+    audio_mels: int = 0
+    audio_window_seconds: float = audio.WINDOW_SECONDS
+    audio_windows: int = 1
+    audio_tokens_fn: Callable[[int], int] | None = None
     batch_size: int = 8
     seq_buckets: tuple[int, ...] = (128, 256, 512)
     seed: int = 0
@@ -146,6 +155,15 @@ class PipelineSpec:
             object.__setattr__(self, name, values)
         if min(self.image_std) <= 0:
             raise ValueError(f"image_std must be positive, got {self.image_std}")
+        if self.audio_mels and (self.audio_windows < 1 or self.audio_tokens_fn is None):
+            raise ValueError("with audio_mels, audio_windows must be >= 1 and audio_tokens_fn given")
+        if self.audio_mels:
+            audio.window_samples(self.audio_window_seconds)  # refuses a window that is no whole frame count
+
+    @property
+    def audio_frames(self) -> int:
+        """Log-mel frames of one audio window."""
+        return round(self.audio_window_seconds * audio.FRAMES_PER_SECOND)
 
     def visual_tokens(self, num_frames: int) -> int:
         """Image tokens standing for one media item of `num_frames` frames."""
@@ -188,10 +206,12 @@ class _Encoder:
         frames = media.load_media(record, root, image_size=spec.image_size, num_frames=spec.num_frames,
                                   mode=spec.image_mode, mean=spec.image_mean, std=spec.image_std,
                                   max_pixels=spec.max_image_pixels)
+        sound = self._sound(record, root)
         prefix = spec.prompt_prefix(record) if spec.prompt_prefix is not None else ""
         ids, mask = text.encode_conversation(
             record["conversations"], spec.template, self.tokenizer,
             visual_tokens=[spec.visual_tokens(f) for f in layout], prompt_prefix=prefix,
+            audio_tokens=[spec.audio_tokens_fn(len(sound))] if sound is not None else [],
             for_generation=self.for_generation, where=f"{source}:{line}: ",
         )
         if len(ids) > spec.seq_buckets[-1]:
@@ -200,14 +220,39 @@ class _Encoder:
             "id": _record_id(record), "input_ids": ids, "loss_mask": mask, "pixel_values": frames,
             "frame_media": np.repeat(np.arange(len(layout), dtype=np.int32), layout),
         }
+        if sound is not None:
+            out["audio_features"], out["audio_media"] = sound, np.zeros(len(sound), np.int32)
         if self.for_generation:
             convs = record["conversations"]
             prompt = convs[-2 if len(convs) % 2 == 0 else -1]["value"]
             answers = [t.get("value", "") for t in convs if t.get("from") in ("gpt", "assistant")]
             out["meta"] = {"id": out["id"], "task": record.get("task"), "label": record.get("label"),
                            "options": record.get("options"), "prompt": prefix + prompt,
-                           "answer": answers[-1] if answers else ""}
+                           "answer": answers[-1] if answers else "", "media": media_kind(record)}
         return out
+
+    def _sound(self, record: dict, root: str | None) -> np.ndarray | None:
+        """float32[W, n_mels, F]: the record's sound as log-mel windows (at most `audio_windows`), or None."""
+        if record.get("audio") is None:
+            return None
+        spec = self.spec
+        if not spec.audio_mels:
+            raise ValueError(f"record {record.get('id', '<no id>')} has sound, and the model has no audio "
+                             "tower (config.model.audio.kind='none')")
+        wave = audio.record_sound(record, root)
+        return audio.log_mel_windows(wave, spec.audio_mels, window_seconds=spec.audio_window_seconds,
+                                     max_windows=spec.audio_windows).features
+
+
+def media_kind(record: dict) -> str:
+    """What a record shows the model: "image", "video", "audio", "image+audio", "video+audio" or "text"
+    (evaluation reports accuracy per kind)."""
+    visual = ""
+    if media_layout(record, 1):
+        video = any(record.get(k) is not None for k in ("video", "video_bytes", "video_frames_bytes"))
+        visual = "video" if video else "image"
+    parts = [p for p in (visual, "audio" if record.get("audio") is not None else "") if p]
+    return "+".join(parts) or "text"
 
 
 def _record_id(record: dict | None) -> str:
@@ -249,6 +294,22 @@ def _pad_media(samples: Sequence[dict], k: int, size: int) -> tuple[np.ndarray, 
     return pixels, frame_media
 
 
+def _pad_audio(samples: Sequence[dict], spec: PipelineSpec, rows: int) -> dict[str, np.ndarray]:
+    """audio_features float32[rows, A, n_mels, F] (zeros in empty slots) and audio_media int32[rows, A]
+    (the sound of each window slot, -1 = empty: the mask), or {} when the model reads no sound."""
+    if not spec.audio_mels:
+        return {}
+    a = spec.audio_windows
+    features = np.zeros((rows, a, spec.audio_mels, spec.audio_frames), np.float32)
+    slots = np.full((rows, a), -1, np.int32)
+    for i, s in enumerate(samples):
+        if "audio_media" in s:
+            n = len(s["audio_media"])
+            features[i, :n] = s["audio_features"]
+            slots[i, :n] = s["audio_media"]
+    return {"audio_features": features, "audio_media": slots}
+
+
 class _TrainBatcher:
     """Right-padded training batch; raises if no token in it is supervised."""
 
@@ -276,7 +337,8 @@ class _TrainBatcher:
                              "the tokenizer's end-of-turn token")
         pixels, frame_media = _pad_media(samples, spec.max_media_frames, spec.image_size)
         return {"input_ids": input_ids, "attention_mask": attention, "targets": targets,
-                "loss_mask": loss_mask, "pixel_values": pixels, "frame_media": frame_media}
+                "loss_mask": loss_mask, "pixel_values": pixels, "frame_media": frame_media,
+                **_pad_audio(samples, spec, b)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,7 +506,8 @@ def make_train_iterator(
       input_ids int32[B, T], attention_mask int32[B, T] (right padded), targets int32[B, T]
       (= input_ids shifted left), loss_mask float32[B, T] (1 where targets[:, t] is an answer token or its
       end-of-turn), pixel_values float32[B, K, S, S, 3] (zeros in unused slots), frame_media int32[B, K]
-      (media index of each frame slot, -1 = empty).
+      (media index of each frame slot, -1 = empty); with `audio_mels`, audio_features
+      float32[B, A, n_mels, F] and audio_media int32[B, A] (the sound of each window slot, -1 = empty).
     Processes get disjoint interleaved slices (`[process_index::process_count]`) of the same shuffled
     stream, by default `jax.process_index()` / `jax.process_count()`. Resume with
     `it.set_state(saved)`, where `saved = it.get_state()` is a JSON-serialisable dict.
@@ -481,7 +544,7 @@ class _EvalBatcher:
                                                            np.int32)])
         valid = np.arange(b) < len(samples)
         batch = {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels,
-                 "frame_media": frame_media, "valid": valid}
+                 "frame_media": frame_media, "valid": valid, **_pad_audio(samples, spec, b)}
         return batch, [s["meta"] for s in samples]
 
 
@@ -533,11 +596,12 @@ def make_eval_batches(
 
     Yields `(batch, metadata)`: batch has input_ids int32[B, T] and attention_mask int32[B, T] (prompts
     left padded, ending right after the last "ASSISTANT:"-style prompt), pixel_values float32[B, K, S, S, 3],
-    frame_media int32[B, K] and valid bool[B] (False on the rows padding the last batch); metadata is a list
-    of `{"id", "task", "label", "options", "prompt", "answer", "index"}` for the valid rows, in order
-    (`answer`: the record's last assistant turn; `index`: the record's position in the whole stream). With
-    several processes, each evaluates the records `[process_index::process_count]`. Invalid records are
-    skipped against the budget like in training.
+    frame_media int32[B, K], valid bool[B] (False on the rows padding the last batch) and, with
+    `audio_mels`, audio_features / audio_media as in training; metadata is a list of `{"id", "task",
+    "label", "options", "prompt", "answer", "media", "index"}` for the valid rows, in order (`answer`: the
+    record's last assistant turn; `media`: `media_kind`; `index`: the record's position in the whole
+    stream). With several processes, each evaluates the records `[process_index::process_count]`. Invalid
+    records are skipped against the budget like in training.
     """
     tokenizer = _load_tokenizer(spec, tokenizer)
     budget = _budget(spec, budget)

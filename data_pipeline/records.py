@@ -17,6 +17,10 @@ one video), `video_bytes: bytes` (one encoded container, e.g. mp4). `data_pipeli
 
 Media markers: each image is one `<image>` marker in the human turns; a video is one `<video>` marker.
 A record holds images or a video, not both. Paths are relative to a data root and may not leave it.
+
+Sound: `"audio": "clips/z.wav"` (any file PyAV decodes: wav, flac, mp3, ogg, or a video container's audio
+track) or `"audio": "from_video"` (the sound track of the record's own video file, or of its `video_bytes`),
+with one `<audio>` marker in the human turns. It goes beside an image, a video or neither (audio only).
 """
 
 from __future__ import annotations
@@ -28,20 +32,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS, media_paths, resolve_media_path
+from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS, FROM_VIDEO, media_paths, resolve_media_path
 
 TASKS = ("emo_c", "emo_o", "intent", "hate", "humor", "sarcasm", "caption", "vqa")
 EMOTION_TASKS = TASKS[:6]
 OBJECTIVE_TASKS = TASKS[6:]
 REQUIRED_FIELDS = ("id", "task", "conversations")
 OPTIONAL_FIELDS = (
-    "image", "video", "label", "options", "rationale", "meta",
+    "image", "video", "audio", "label", "options", "rationale", "meta",
     "image_bytes", "video_frames_bytes", "video_bytes",
     "model",  # LLaVA's instruction files carry it (often empty) on their text-only records; not read
 )
 ALLOWED_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
+AUDIO_MARKER = "<audio>"
 
 
 class RecordError(Exception):
@@ -276,9 +281,12 @@ def validate_record(
     kind, paths = _check_media_fields(record, err)
     if texts is not None:
         _check_markers(texts, record, kind, len(paths), err)
+        _check_audio_markers(texts, record.get("audio") is not None, err)
         _check_length(texts, max_text_chars, length_fn, max_tokens, err)
     if paths:
         _check_media_paths(kind, paths, data_root, num_frames, check_media, max_image_pixels, err)
+    if record.get("audio") is not None:
+        _check_audio(record, kind, paths, data_root, check_media, err)
     return errs
 
 
@@ -370,6 +378,64 @@ def _check_markers(texts, record, kind: str | None, n_paths: int, err) -> None:
         what = {"image": f"{want_img} image(s)", "video": "1 video", None: "no media"}[kind]
         err("conversations", f"found {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but the "
             f"record has {what}; expected {want_img} {IMAGE_MARKER} and {want_vid} {VIDEO_MARKER}")
+
+
+def _check_audio_markers(texts, has_sound: bool, err) -> None:
+    """One `<audio>` marker in the human turns when the record has a sound, none otherwise."""
+    for i, (role, text) in enumerate(texts):
+        if role == "gpt" and AUDIO_MARKER in text:
+            err(f"conversations[{i}].value", "media markers may appear only in human turns")
+    n = "".join(t for role, t in texts if role == "human").count(AUDIO_MARKER)
+    if n != int(has_sound):
+        what = "a sound ('audio')" if has_sound else "no sound (no 'audio' field)"
+        err("conversations", f"found {n} {AUDIO_MARKER} markers but the record has {what}; expected "
+            f"{int(has_sound)} {AUDIO_MARKER}")
+
+
+def sound_path(record: Mapping[str, Any]) -> str | None:
+    """The path a record's sound is read from (its `audio` file, or its video file for "from_video"), or
+    None when it has none or it is embedded (`video_bytes`)."""
+    value = record.get("audio")
+    if value == FROM_VIDEO:
+        video = record.get("video")
+        return video if record.get("video_bytes") is None and isinstance(video, str) else None
+    return value if isinstance(value, str) else None
+
+
+def _check_audio(record: Mapping[str, Any], kind: str | None, paths: list[str], data_root, check_media: bool,
+                 err) -> None:
+    """`audio` is a path or "from_video" (then the record has one video file, or `video_bytes`); the path
+    stays under the data root; with `check_media`, the file's sound decodes (`audio.sound_problem`)."""
+    value = record["audio"]
+    if not isinstance(value, str) or not value:
+        err("audio", f"must be a path or {FROM_VIDEO!r} (one sound per record), got {value!r}")
+        return
+    if value == FROM_VIDEO and record.get("video_bytes") is None:
+        if kind != "video" or len(paths) != 1 or not isinstance(record.get("video"), str):
+            video = record.get("video")
+            what = "a frame list" if isinstance(video, list) else f"no video file ({kind or 'no media'})"
+            err("audio", f"{FROM_VIDEO!r} takes the sound track of the record's video file, and it has "
+                f"{what}")
+            return
+    path = sound_path(record)
+    if path is None:
+        return
+    try:
+        full = resolve_media_path(path, data_root)
+    except ValueError as e:
+        if value != FROM_VIDEO:  # a video path escaping the root is reported under `video` already
+            err("audio", str(e))
+        return
+    if not check_media:
+        return
+    from data_pipeline import audio  # here, not at the top: schema-only checks need no decoder
+
+    if full.is_dir():
+        problem = "is a frame directory, which has no sound track"
+    else:
+        problem = audio.sound_problem(full)
+    if problem:
+        err("audio", f"{path}: {problem}" + (f" ({FROM_VIDEO})" if value == FROM_VIDEO else ""))
 
 
 def _check_length(texts, max_chars, length_fn, max_tokens, err) -> None:

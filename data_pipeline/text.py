@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.records import IMAGE_MARKER, VIDEO_MARKER
+from data_pipeline.records import AUDIO_MARKER, IMAGE_MARKER, VIDEO_MARKER
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 TINY_SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # ids 0..4 in every tiny tokenizer, whatever its texts
-MEDIA_MARKERS = (IMAGE_MARKER, VIDEO_MARKER)
+VISUAL_MARKERS = (IMAGE_MARKER, VIDEO_MARKER)
+MEDIA_MARKERS = (*VISUAL_MARKERS, AUDIO_MARKER)
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MEDIA_MARKERS) + ")")
 
 
@@ -33,7 +34,8 @@ class Tokenizer:
     hold one.
     """
 
-    def __init__(self, backend: Any, *, name: str, special: dict[str, str | None], image_token_id: int):
+    def __init__(self, backend: Any, *, name: str, special: dict[str, str | None], image_token_id: int,
+                 audio_token_id: int | None = None):
         self._backend = backend
         self._is_hf = not _is_raw_tokenizers(backend)
         self.name = name
@@ -45,6 +47,7 @@ class Tokenizer:
         pad = next((self.token_to_id(special[k]) for k in ("pad", "unk") if special.get(k)), None)
         self.pad_id: int = pad if pad is not None else self.eos_id
         self.image_token_id: int = image_token_id
+        self.audio_token_id: int | None = audio_token_id  # None: this tokenizer's prompts carry no sound
         # True when "a b" tokenizes as encode("a") + encode("b") (word-level, SentencePiece-style metaspace):
         # such tokenizers re-create a separating space themselves, so pieces drop one leading space.
         self.space_joins_pieces: bool = self.encode("is it") == self.encode("is") + self.encode("it")
@@ -87,14 +90,17 @@ def _token_str(tok: Any) -> str | None:
 
 
 def load_tokenizer(
-    path: str | os.PathLike, *, image_token: str = IMAGE, image_token_id: int | None = None
+    path: str | os.PathLike, *, image_token: str = IMAGE, image_token_id: int | None = None,
+    audio_token_id: int | None = None,
 ) -> Tokenizer:
     """Loads a tokenizer directory (HF layout) or a `tokenizer.json` file.
 
     Uses `transformers.AutoTokenizer` when importable, else `tokenizers.Tokenizer.from_file` plus the special
     tokens named in `tokenizer_config.json`. The image token: `image_token` if the vocabulary has it, else the
     explicit `image_token_id` (e.g. an id the model reserves), else `image_token` is added as a special token
-    (the vocabulary grows by one; the model's embedding must be sized to `vocab_size`).
+    (the vocabulary grows by one; the model's embedding must be sized to `vocab_size`). The audio token:
+    `<audio>` if the vocabulary has it, else `audio_token_id` (a placeholder the model replaces before any
+    embedding lookup, so it may lie outside the vocabulary), else None (no sound in prompts).
     """
     path = os.fspath(path)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
@@ -126,7 +132,9 @@ def load_tokenizer(
             backend.add_special_tokens([tokenizers.AddedToken(image_token, special=True, normalized=False)])
     vocab = backend.get_vocab()
     image_id = vocab.get(image_token, image_token_id)
-    return Tokenizer(backend, name=path, special=special, image_token_id=int(image_id))
+    audio_id = vocab.get(AUDIO_MARKER, audio_token_id)
+    return Tokenizer(backend, name=path, special=special, image_token_id=int(image_id),
+                     audio_token_id=None if audio_id is None else int(audio_id))
 
 
 def _tiny_splitters() -> tuple[Any, Any]:
@@ -381,6 +389,7 @@ def encode_conversation(
     tokenizer: Tokenizer,
     *,
     visual_tokens: Sequence[int],
+    audio_tokens: Sequence[int] = (),
     prompt_prefix: str = "",
     for_generation: bool = False,
     where: str = "",
@@ -391,6 +400,8 @@ def encode_conversation(
       record_convs: `[{"from": "human"|"gpt", "value": str}, ...]` (optionally a leading "system" message).
       visual_tokens: for the i-th `<image>`/`<video>` marker (in text order), how many `image_token_id`s
         replace it: `visual_tokens_per_media(cfg, num_frames)` of that media item.
+      audio_tokens: for the i-th `<audio>` marker, how many `audio_token_id`s replace it:
+        `audio_tokens_per_item(cfg, num_windows)` of that sound.
       prompt_prefix: text (e.g. EmoPrompt exemplars) put before the first human message.
       for_generation: stop after the prompt of the last human turn (answers of earlier turns kept, the last
         answer dropped), ready for the model to continue.
@@ -411,13 +422,20 @@ def encode_conversation(
         turns[0] = (prompt_prefix + turns[0][0], turns[0][1])
     pieces = tmpl.render(tmpl.system if system is None else system, turns, for_generation)
 
-    n_markers = sum(len(_MARKER_RE.findall(p.text)) for p in pieces)
-    if n_markers != len(visual_tokens):
-        raise ValueError(f"{where}{n_markers} media markers in the text but {len(visual_tokens)} media items")
+    markers = [m for p in pieces for m in _MARKER_RE.findall(p.text)]
+    n_visual, n_audio = sum(m in VISUAL_MARKERS for m in markers), markers.count(AUDIO_MARKER)
+    if n_visual != len(visual_tokens):
+        raise ValueError(f"{where}{n_visual} media markers in the text but {len(visual_tokens)} media items")
+    if n_audio != len(audio_tokens):
+        raise ValueError(f"{where}{n_audio} {AUDIO_MARKER} markers in the text but {len(audio_tokens)} "
+                         "sounds")
+    if n_audio and tokenizer.audio_token_id is None:
+        raise ValueError(f"{where}an {AUDIO_MARKER} marker, but the tokenizer has no audio token id (a model "
+                         "without an audio tower reads no sound)")
     special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "eot": end_of_turn_id(tmpl, tokenizer)}
     ids: list[int] = []
     mask: list[bool] = []
-    media = iter(visual_tokens)
+    media, sounds = iter(visual_tokens), iter(audio_tokens)
     for piece in pieces:
         if piece.token is not None:
             if special[piece.token] is None:
@@ -429,7 +447,10 @@ def encode_conversation(
             if part in MEDIA_MARKERS:
                 if piece.supervised:
                     raise ValueError(f"{where}a {part} marker in an answer; media belong in questions")
-                part_ids = [tokenizer.image_token_id] * int(next(media))
+                if part == AUDIO_MARKER:
+                    part_ids = [tokenizer.audio_token_id] * int(next(sounds))
+                else:
+                    part_ids = [tokenizer.image_token_id] * int(next(media))
             else:
                 part_ids = _encode_piece(tokenizer, part) if part else []
             ids += part_ids

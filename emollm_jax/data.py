@@ -2,8 +2,9 @@
 
 Training, evaluation and prediction all build their pipelines with `pipeline_spec`, so they agree on the
 template, the tower's preprocessing (size, pad/crop/resize, mean, std), the visual-token count per media item,
-the frames per video, the validation mode and the error budget; only what differs by mode (sources, tasks,
-batch, buckets, shuffling) is passed in. `split_sources` reads `config.data.sources.<split>`.
+the frames per video, the audio tower's front end and audio-token count per sound, the validation mode and the
+error budget; only what differs by mode (sources, tasks, batch, buckets, shuffling) is passed in.
+`split_sources` reads `config.data.sources.<split>`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from data_pipeline.records import TASKS
 from data_pipeline.sources import VALIDATION_MODES, SourceSpec
 from data_pipeline.text import TEMPLATES
 from emollm_jax.configuration import Section
-from emollm_jax.models.emollm import EmoLLMConfig, visual_tokens_per_media
+from emollm_jax.models.emollm import EmoLLMConfig, audio_tokens_per_item, visual_tokens_per_media
 from emollm_jax.models.parts import DECODERS
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class DataConfig(Section):
     max_len: int = 256             # longest training sequence (visual tokens included)
     seq_buckets: tuple[int, ...] = ()  # padded lengths, one compile each; empty: (max_len,)
     num_frames: int = 4            # frames sampled per video
+    audio_windows: int = 1         # audio tower windows read per sound (Whisper: 30 s each); the rest is cut
     train_split: str = "train"
     eval_split: str = "test"
     num_workers: int = 0           # grain worker processes (0: in-process)
@@ -71,6 +73,8 @@ class DataConfig(Section):
             self.fail("seq_buckets", "must be positive and strictly increasing")
         if self.num_frames <= 0:
             self.fail("num_frames", "must be positive")
+        if self.audio_windows <= 0:
+            self.fail("audio_windows", "must be positive")
         for field in ("num_workers", "mini_train_per_task", "mini_test_per_task"):
             if getattr(self, field) < 0:
                 self.fail(field, "must be >= 0")
@@ -194,8 +198,19 @@ def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
         validate=validate or cfg.validate,
         max_errors=cfg.max_errors,
         max_image_pixels=cfg.max_image_pixels,
+        **_audio_spec(config, model_cfg),
         **mode,
     )
+
+
+def _audio_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig) -> dict[str, Any]:
+    """The PipelineSpec fields of the model's audio tower (none without one: sound is then refused)."""
+    if model_cfg.audio is None:
+        return {}
+    pre = model_cfg.audio.preprocessing()
+    return dict(audio_mels=pre.n_mels, audio_window_seconds=pre.window_seconds,
+                audio_windows=int(config.data.get("audio_windows", 1)),
+                audio_tokens_fn=functools.partial(audio_tokens_per_item, model_cfg))
 
 
 def eval_buckets(model_cfg: EmoLLMConfig, max_new_tokens: int) -> tuple[int, ...]:

@@ -64,35 +64,36 @@ def _pct(x: float | None) -> str:
 
 
 def render_report(results: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: a per-task table (accuracy, macro-F1, unparseable, control drop), the EmoBench mean, and
-    every unparseable answer (never dropped)."""
+    """Markdown: a per-task table (accuracy, macro-F1, unparseable, each control's accuracy and drop), the
+    EmoBench mean, the accuracy per task and input kind on every split, and every unparseable answer (never
+    dropped)."""
     main = results["splits"][results["split"]]
-    control = results.get("control")
+    controls = [c for c in (results.get("control"), results.get("audio_control")) if c]
     lines = [f"# EmoBench evaluation: split `{results['split']}`", ""]
     if results.get("checkpoint") is not None:
         lines += [f"Checkpoint: `{results['checkpoint']}`", ""]
     header = "| task | n | accuracy (%) | macro-F1 (%) | unparseable |"
     rule = "|---|---:|---:|---:|---:|"
-    if control:
+    for control in controls:
         header += f" accuracy on `{control['split']}` (%) | drop (points) |"
         rule += "---:|---:|"
     lines += [header, rule]
     for task, r in main["tasks"].items():
         row = f"| {task} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {r['unparseable']} |"
-        if control:
+        for control in controls:
             c = control["tasks"].get(task)
-            drop = control["drop"].get(task)
-            row += f" {_pct(c['accuracy']) if c else '-'} | {_pct(drop)} |"
+            row += f" {_pct(c['accuracy']) if c else '-'} | {_pct(control['drop'].get(task))} |"
         lines.append(row)
     n_tasks = len(main["emobench_tasks"])
     mean_row = f"| **EmoBench mean** ({n_tasks} of 6) | | **{_pct(main['emobench_mean'])}** | | |"
-    if control:
+    for control in controls:
         mean_row += f" {_pct(control['emobench_mean'])} | {_pct(control['drop'].get('emobench_mean'))} |"
     lines += [mean_row, ""]
     if main["emobench_missing"]:
         lines += [f"Missing EmoBench tasks (not in the mean): {', '.join(main['emobench_missing'])}.", ""]
     lines += ["Accuracy counts unparseable answers as wrong. The EmoBench mean is the plain mean of the six "
               "sub-task accuracies (objective tasks excluded).", ""]
+    lines += _by_input(main, controls)
     bad = [p for p in predictions if p["parsed"] is None]
     lines += [f"## Unparseable answers ({len(bad)})", ""]
     if bad:
@@ -103,6 +104,25 @@ def render_report(results: Mapping[str, Any], predictions: Sequence[Mapping[str,
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def _by_input(main: Mapping[str, Any], controls: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The accuracy of each (task, input kind) on the main split and on each control: a control should hit
+    the inputs it blanks (images, videos, sounds) and leave the others alone. Empty when no record says its
+    input kind."""
+    if not any(r.get("by_media") for r in main["tasks"].values()):
+        return []
+    header = "| task | input | n | accuracy (%) |" + "".join(f" on `{c['split']}` (%) |" for c in controls)
+    lines = ["Accuracy by input (each control takes one kind of input away):", "", header,
+             "|---|---|---:|---:|" + "---:|" * len(controls)]
+    for task, r in main["tasks"].items():
+        for kind, m in r.get("by_media", {}).items():
+            row = f"| {task} | {kind} | {m['n']} | {_pct(m['accuracy'])} |"
+            for control in controls:
+                c = control["tasks"].get(task, {}).get("by_media", {}).get(kind)
+                row += f" {_pct(c['accuracy']) if c else '-'} |"
+            lines.append(row)
+    return [*lines, ""]
 
 
 def plot_confusion(path: str | os.PathLike, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:

@@ -5,6 +5,9 @@ emo_o, intent, hate, humor, sarcasm) and their plain mean; objective tasks (capt
 it, not in the mean. Macro-F1 and a confusion matrix per task are our additions. An answer that cannot be
 mapped to a label counts as wrong and is listed in the report.
 
+Each task is also scored per input kind (image, video, audio, image+audio, video+audio, text), so the
+blank-image and silent-audio controls show which records lose their cue.
+
 Outputs under `<workdir>/eval/`: results.json, report.md, predictions.jsonl, confusion_<task>.png.
 """
 
@@ -35,6 +38,7 @@ class EvalConfig(Section):
     max_new_tokens: int = 8    # answer budget
     max_examples: int = 0      # per task; 0 = the whole split
     control_split: str = ""    # blank-image control split; empty: `<eval_split>_blank` when present
+    audio_control_split: str = ""  # silent-audio control split; empty: `<eval_split>_silent` when present
     synonyms: str = ""         # JSON file extending the answer parser's synonym table
 
     def check(self) -> None:
@@ -101,6 +105,7 @@ class Prediction:
     gold: str
     split: str = ""
     options: tuple[str, ...] = ()
+    media: str = ""  # the record's input kind (`data_pipeline.pipeline.media_kind`)
 
 
 def task_order(tasks: Iterable[str]) -> list[str]:
@@ -124,7 +129,7 @@ def parse_predictions(metas: Sequence[Mapping[str, Any]], answers: Sequence[str]
         parsed = parser.parse(answer, task, options if task not in OPEN_SET_TASKS else None, label_space)
         out.append(Prediction(id=str(m["id"]), task=task, prompt=str(m.get("prompt", "")), answer=answer,
                               parsed=parsed, gold=str(m.get("label", "")), split=split,
-                              options=tuple(options)))
+                              options=tuple(options), media=str(m.get("media") or "")))
     return out
 
 
@@ -156,11 +161,22 @@ def score(predictions: Sequence[Prediction]) -> dict[str, Any]:
             "objective": task not in EMOBENCH_TASKS,
             "labels": labels,
             "confusion": confusion_matrix(parsed, golds, labels).tolist(),
+            "by_media": _by_media(preds),
         }
     present = [t for t in EMOBENCH_TASKS if t in tasks]
     mean = float(np.mean([tasks[t]["accuracy"] for t in present])) if present else float("nan")
     return {"n": len(predictions), "tasks": tasks, "emobench_mean": mean, "emobench_tasks": present,
             "emobench_missing": [t for t in EMOBENCH_TASKS if t not in tasks]}
+
+
+def _by_media(preds: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
+    """n / correct / accuracy of a task's predictions per input kind (records without one: none)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({p.media for p in preds if p.media}):
+        some = [p for p in preds if p.media == kind]
+        correct = sum(_same(p.parsed, p.gold) for p in some)
+        out[kind] = {"n": len(some), "correct": correct, "accuracy": correct / len(some)}
+    return out
 
 
 def control_drop(main: Mapping[str, Any], control: Mapping[str, Any]) -> dict[str, float]:
@@ -180,7 +196,7 @@ def write_outputs(out_dir: str | os.PathLike, results: Mapping[str, Any],
     out_dir = Path(out_dir)
     rows = [dataclasses.asdict(p) for p in predictions]
     eval_report.write_jsonl(out_dir / "predictions.jsonl",
-                            ({k: v for k, v in r.items() if k != "options"} for r in rows))
+                            ({k: v for k, v in r.items() if k not in ("options", "media")} for r in rows))
     eval_report.write_json(out_dir / "results.json", results)
     report = eval_report.render_report(results, rows)
     eval_report.atomic_write(out_dir / "report.md", lambda f: f.write(report))
@@ -191,8 +207,10 @@ def write_outputs(out_dir: str | os.PathLike, results: Mapping[str, Any],
 
 
 def assemble_results(per_split: Mapping[str, Mapping[str, Any]], main_split: str,
-                     control_split: str | None, *, checkpoint: str | None = None) -> dict[str, Any]:
-    """results.json content: every split's scores, the main split's headline numbers, the control drop."""
+                     control_split: str | None, *, checkpoint: str | None = None,
+                     audio_control_split: str | None = None) -> dict[str, Any]:
+    """results.json content: every split's scores, the main split's headline numbers, and the drops on the
+    blank-image control (`control`) and the silent-audio control (`audio_control`)."""
     main = per_split[main_split]
     results: dict[str, Any] = {
         "split": main_split,
@@ -201,11 +219,13 @@ def assemble_results(per_split: Mapping[str, Mapping[str, Any]], main_split: str
         "accuracy": {t: r["accuracy"] for t, r in main["tasks"].items()},
         "splits": dict(per_split),
         "control": None,
+        "audio_control": None,
     }
-    if control_split and control_split in per_split:
-        control = per_split[control_split]
-        results["control"] = {"split": control_split, "tasks": control["tasks"],
-                              "emobench_mean": control["emobench_mean"], "drop": control_drop(main, control)}
+    for key, split in (("control", control_split), ("audio_control", audio_control_split)):
+        if split and split in per_split:
+            control = per_split[split]
+            results[key] = {"split": split, "tasks": control["tasks"],
+                            "emobench_mean": control["emobench_mean"], "drop": control_drop(main, control)}
     return results
 
 
@@ -298,6 +318,7 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
     for batch, rows in tqdm(rounds, total=total, desc=desc, unit="batch", disable=not progress):
         out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
+                          audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
                           max_new_tokens=max_new_tokens, eos_id=tuple(int(t) for t in stop_ids),
                           pad_id=tokenizer.pad_id)
         for row, meta in zip(_host_tokens(out, mesh), rows, strict=False):
@@ -331,7 +352,8 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
     from emollm_jax.train import abstract_model
 
     model_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                        image_token_id=tokenizer.image_token_id, init_from=init_from)
+                                        image_token_id=tokenizer.image_token_id, init_from=init_from,
+                                        audio_token_id=getattr(tokenizer, "audio_token_id", None))
     graphdef, abstract, rest = abstract_model(model_cfg, int(config.seed))
     mesh = sharding.make_mesh(dict(config.mesh))
     shardings = sharding.logical_shardings(abstract, mesh, config.sharding_rules)
@@ -409,23 +431,30 @@ def answer_parser(config: Any) -> AnswerParser:
     return AnswerParser(load_synonyms(path)) if path else AnswerParser()
 
 
-def eval_splits(config: Any, root: str) -> tuple[list[str], str]:
-    """(splits to evaluate, the control split's name): `config.data.eval_split`, and its blank-image control
-    (`config.eval.control_split`, default `<eval_split>_blank`) when its records exist."""
+def eval_splits(config: Any, root: str) -> tuple[list[str], str, str]:
+    """(splits to evaluate, the blank-image control's name, the silent-audio control's name):
+    `config.data.eval_split`, and its controls (`config.eval.control_split`, default `<eval_split>_blank`;
+    `config.eval.audio_control_split`, default `<eval_split>_silent`) when their records exist."""
     from emollm_jax.data import has_sources
 
     main_split = config.data.eval_split
     control = config.eval.get("control_split", "") or f"{main_split}_blank"
-    present = has_sources(config, control) or bool(root) and (Path(root) / f"{control}.jsonl").is_file()
-    return [main_split] + ([control] if present and control != main_split else []), control
+    silent = config.eval.get("audio_control_split", "") or f"{main_split}_silent"
+
+    def present(split: str) -> bool:
+        return split != main_split and (
+            has_sources(config, split) or bool(root) and (Path(root) / f"{split}.jsonl").is_file())
+
+    return [main_split] + [s for s in (control, silent) if present(s)], control, silent
 
 
 def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
              splits: Sequence[str] | None = None, init_from: str | None = None,
              out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluates on `splits` (default: `eval_splits`) and writes `<workdir>/eval/{results.json, report.md,
-    predictions.jsonl, confusion_<task>.png}`. A split's records come from `config.data.sources.<split>`
-    (else `<root>/<split>.jsonl`) through the same pipeline spec as training's.
+    """Evaluates on `splits` (default: `eval_splits`: the test split and its blank-image and silent-audio
+    controls when present) and writes `<workdir>/eval/{results.json, report.md, predictions.jsonl,
+    confusion_<task>.png}`. A split's records come from `config.data.sources.<split>` (else
+    `<root>/<split>.jsonl`) through the same pipeline spec as training's.
 
     With several processes each generates answers for its share of the records
     (`[process_index::process_count]`) and the answers are gathered: the results are those of one process.
@@ -440,7 +469,7 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
     checkpoint = "in-memory model"
     if model is None:
         model, checkpoint = load_model(config, workdir, tokenizer, init_from)
-    default_splits, control = eval_splits(config, setup.root)
+    default_splits, control, silent = eval_splits(config, setup.root)
     splits = list(splits) if splits is not None else default_splits
     prefix = emoprompt.from_config(config, setup.root, workdir)
     parser = answer_parser(config)
@@ -463,7 +492,8 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
         per_split[split] = score(preds)
         predictions += preds
     results = assemble_results(per_split, splits[0], control if control != splits[0] else None,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint,
+                               audio_control_split=silent if silent != splits[0] else None)
     if jax.process_index() == 0:
         write_outputs(Path(out_dir) if out_dir else Path(workdir) / "eval", results, predictions)
     return results

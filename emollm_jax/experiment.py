@@ -21,10 +21,13 @@ from flax import nnx
 from emollm_jax import init_config, lora
 from emollm_jax.configuration import ConfigError, Section
 from emollm_jax.lora import LoRAConfig
-from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
+from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig, audio_parts
 from emollm_jax.pytree import flat_leaves
 
 log = logging.getLogger(__name__)
+# Written at audio positions when the tokenizer has no <audio> token (as original LLaVA's -200 for images):
+# the model replaces it before any embedding lookup, so it need not be in the vocabulary.
+AUDIO_TOKEN_ID = -201
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,7 @@ class InitConfig(Section):
     hf: str = ""      # an HF LLaVA/EmoLLM dir, or the conversion CLI's orbax output (whole model)
     llm: str = ""     # HF decoder dir (Vicuna / LLaMA)
     vision: str = ""  # HF CLIP vision dir
+    audio: str = ""   # HF Whisper dir (WhisperModel / WhisperForConditionalGeneration / encoder only)
     params: str = ""  # orbax params-only checkpoint of the whole EmoLLM
 
 
@@ -44,15 +48,17 @@ class DataSetup:
     root: str
     tokenizer_path: str
     image_token_id: int | None = None  # used when the tokenizer has no <image> token (LLaVA's -200)
+    audio_token_id: int | None = None  # used when the tokenizer has no <audio> token; None: no audio tower
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 image_token_id: int | None = None, freeze_vision: bool = True,
-                 init_from: str | None = None) -> EmoLLMConfig:
+                 image_token_id: int | None = None, audio_token_id: int | None = None,
+                 freeze_vision: bool = True, init_from: str | None = None) -> EmoLLMConfig:
     """`EmoLLMConfig` from `config.model`, its parts filled from the pretrained checkpoints' own configs
     (`init_config.resolve`), with `config.lora`'s adapters; `vocab_size` / `image_token_id` fill the "from
-    tokenizer" values (0 / -1). A configured vocabulary smaller than the tokenizer's is an error (ids would
-    fall off it)."""
+    tokenizer" values (0 / -1); `audio_token_id` (the tokenizer's, when it has an `<audio>` token) wins over
+    `config.model.audio_token_id`. A configured vocabulary smaller than the tokenizer's is an error (ids
+    would fall off it)."""
     config = init_config.resolve(config, init_from)
     m = config.model
     vocab = int(m.text.vocab_size)
@@ -67,7 +73,9 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     image_id = image_token_id if image_token_id is not None else m.image_token_id
     if image_id == -1:
         raise ValueError("config.model.image_token_id is -1 (from tokenizer) but no tokenizer was given")
-    cfg = EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, freeze_vision=freeze_vision)
+    audio_id = audio_token_id if audio_token_id is not None else int(m.get("audio_token_id", AUDIO_TOKEN_ID))
+    cfg = EmoLLMConfig.from_config(m, vocab_size=vocab, image_token_id=image_id, audio_token_id=audio_id,
+                                   freeze_vision=freeze_vision)
     adapters = LoRAConfig.from_config(config.lora, "lora") if "lora" in config else None
     return dataclasses.replace(cfg, lora=adapters if adapters is not None and adapters.enabled else None)
 
@@ -116,7 +124,7 @@ def _record_texts(root: str, split: str, template: str = "vicuna_v1", *, sources
 
 # Config keys naming inputs that must exist, and what they must be (checked before anything is written).
 INPUT_PATHS = (("data.root", "dir"), ("data.tokenizer", "any"), ("init.hf", "dir"), ("init.llm", "dir"),
-               ("init.vision", "dir"), ("init.params", "dir"))
+               ("init.vision", "dir"), ("init.audio", "dir"), ("init.params", "dir"))
 
 
 def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
@@ -169,16 +177,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     check_paths(config, keys=(tok_key,) + (("data.root",) if must_tokenize else ()))  # what is read here
     if jax.process_index() == 0:
         if must_generate:
-            from data_pipeline import mini_emobench
-
-            log.info("generating mini-EmoBench into %s", root)
-            sizes = None
-            if config.data.mini_train_per_task or config.data.mini_test_per_task:
-                n_train, n_test = int(config.data.mini_train_per_task), int(config.data.mini_test_per_task)
-                sizes = {task: (n_train or train, n_test or test)
-                         for task, (train, test) in mini_emobench.DEFAULT_SIZES.items()}
-            mini_emobench.generate(root, seed=int(config.seed), sizes=sizes,
-                                   video_files=bool(config.data.mini_video_files))
+            _generate_mini(config, root)
         if must_tokenize:
             from data_pipeline.text import train_tiny_tokenizer
 
@@ -192,14 +191,33 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
 
         multihost_utils.sync_global_devices("emollm_jax.prepare_data")
     image_id = int(config.model.image_token_id)
-    return DataSetup(root=root, tokenizer_path=tok_path, image_token_id=None if image_id == -1 else image_id)
+    has_audio = audio_parts(config.model)[0] is not None
+    audio_id = int(config.model.get("audio_token_id", AUDIO_TOKEN_ID)) if has_audio else None
+    return DataSetup(root=root, tokenizer_path=tok_path, image_token_id=None if image_id == -1 else image_id,
+                     audio_token_id=audio_id)
+
+
+def _generate_mini(config: ml_collections.ConfigDict, root: str) -> None:
+    """mini-EmoBench at the configured sizes; its voice records only for a model with an audio tower."""
+    from data_pipeline import mini_emobench
+
+    log.info("generating mini-EmoBench into %s", root)
+    n_train, n_test = int(config.data.mini_train_per_task), int(config.data.mini_test_per_task)
+
+    def sized(default: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        return {task: (n_train or train, n_test or test) for task, (train, test) in default.items()}
+
+    sound = sized(mini_emobench.SOUND_SIZES) if audio_parts(config.model)[0] is not None else None
+    mini_emobench.generate(root, seed=int(config.seed), sizes=sized(mini_emobench.DEFAULT_SIZES),
+                           sound_sizes=sound, video_files=bool(config.data.mini_video_files))
 
 
 def load_tokenizer(setup: DataSetup):
     """The run's tokenizer (data_pipeline.text.Tokenizer)."""
     from data_pipeline.text import load_tokenizer as _load
 
-    return _load(setup.tokenizer_path, image_token_id=setup.image_token_id)
+    return _load(setup.tokenizer_path, image_token_id=setup.image_token_id,
+                 audio_token_id=setup.audio_token_id)
 
 
 def new_model(cfg: EmoLLMConfig, seed: int) -> EmoLLM:
@@ -242,14 +260,15 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: EmoLLM,
     """Overwrites `model`'s parameters in place from `--init_from` / `config.init.*`.
 
     `hf` / `init_from`: a whole model: an HF dir (LLaVA layout), the conversion CLI's output, or an orbax
-    params checkpoint of this EmoLLM; `llm` and `vision`: one tower each, from an HF or converted dir of the
-    tower alone or of a whole LLaVA (LLaVA-1.5 recipe: pretrained towers, fresh projector), taking the place
-    of the whole model's tower; `params`: an orbax params checkpoint of this EmoLLM. A whole model under
-    another projector gives its towers only. LoRA adapters are taken from a checkpoint that has them, and
-    otherwise start fresh (B = 0).
+    params checkpoint of this EmoLLM; `llm`, `vision` and `audio`: one tower each, from an HF or converted dir
+    of the tower alone or of a whole model (LLaVA-1.5 recipe: pretrained towers, fresh projectors), taking the
+    place of the whole model's tower; `params`: an orbax params checkpoint of this EmoLLM (audio parts
+    included). A whole model whose projector or audio parts differ from the configured ones gives the parts
+    it shares; the others start fresh. LoRA adapters are taken from a checkpoint that has them, and otherwise
+    start fresh (B = 0).
     """
     whole = init_from or config.init.hf
-    towers = [part for part in ("llm", "vision") if config.init[part]]
+    towers = [part for part in ("llm", "vision", "audio") if config.init.get(part)]
     if whole:
         key = "init_from" if init_from else "config.init.hf"
         _load_whole(model, whole, skip=towers, where=f"{key}={whole}")
@@ -281,22 +300,29 @@ def _load_whole(model: EmoLLM, path: str, skip: list[str], where: str) -> None:
     if not isinstance(loaded, EmoLLM):
         raise ValueError(f"{where}: holds a {type(loaded).__name__}, not a whole EmoLLM / Llava; give a "
                          "decoder as config.init.llm and a tower as config.init.vision")
-    parts = [p for p in ("vision", "projector", "llm") if p not in skip]
-    if _projector_differs(loaded, model):
-        # A LLaVA checkpoint under an MVP (or other) projector: take its towers, keep the configured
-        # projector freshly initialised (LLaVA-1.5's recipe for a new projector).
-        log.info("%s has a %s projector, the config a %s one: loading the towers only, the projector "
-                 "starts fresh", path, loaded.config.projector.kind, model.config.projector.kind)
-        parts.remove("projector")
+    parts = [p for p in _PARTS if p not in skip and getattr(model, p) is not None]
+    fresh = [p for p in parts
+             if p not in ("llm", "vision") and getattr(loaded.config, p) != getattr(model.config, p)]
+    if fresh:
+        # A LLaVA checkpoint under an MVP (or other) projector, or without the configured audio parts: take
+        # the parts it shares, keep the others freshly initialised (LLaVA-1.5's recipe for a new projector).
+        log.info("%s holds other %s than the config (%s): loading %s, the configured ones start fresh", path,
+                 " / ".join(fresh), ", ".join(_kind(loaded.config, p) for p in fresh),
+                 " + ".join(p for p in parts if p not in fresh))
+        parts = [p for p in parts if p not in fresh]
     for part in parts:
         _update_base(getattr(model, part), getattr(loaded, part), f"{where} ({part})")
     log.info("loaded %s weights from %s", " + ".join(parts), path)
 
 
 def _load_part(model: EmoLLM, part: str, path: str, where: str) -> None:
-    """One tower ("llm", "vision") from `path`: that tower alone, a whole LLaVA's, or a params checkpoint."""
+    """One tower ("llm", "vision", "audio") from `path`: that tower alone, a whole model's, or a params
+    checkpoint."""
     target = getattr(model, part)
-    loaded = read_model(path, dtype=model.config.text.param_dtype)
+    if target is None:
+        raise ValueError(f"{where}: the model has no {part} tower (config.model.{part}.kind='none')")
+    dtype = (model.config.audio if part == "audio" else model.config.text).param_dtype
+    loaded = read_model(path, dtype=dtype)
     if loaded is None:
         _restore_into(target, path, where)
     else:
@@ -340,8 +366,13 @@ def _as_layout(new: Any, old: Any) -> Any:
         return new
 
 
-def _projector_differs(loaded: Any, model: EmoLLM) -> bool:
-    return isinstance(loaded, EmoLLM) and loaded.config.projector != model.config.projector
+_PARTS = ("vision", "projector", "llm", "audio", "audio_projector")
+
+
+def _kind(config: EmoLLMConfig, part: str) -> str:
+    """`<part>: <kind>` of a model config's part ("none" when it has none), for log lines."""
+    block = getattr(config, part)
+    return f"{part} {getattr(block, 'kind', 'none') if block is not None else 'none'}"
 
 
 def _check_same_shapes(old: Any, new: Any, where: str) -> None:

@@ -2,7 +2,7 @@
 
 Definition follows MaxText (`calculate_tflops_training_per_device`): matmul FLOPs only, 2 per multiply-add,
 training = forward + backward = 3x forward for trained parts, causal attention scores counted at half. A
-frozen part is counted forward-only when no gradient flows through it (the vision tower under stop_gradient);
+frozen part is counted forward-only when no gradient flows through it (a tower under stop_gradient);
 a frozen part that gradients pass through (the LLM in a projector-only stage) still costs backward-through-
 activations, which we count as 2x forward (no weight gradients).
 On CPU there is no published peak, so `device_peak_flops` measures one with a large fp32 matmul, once per
@@ -36,10 +36,12 @@ class StepFlops:
     decoder: float
     vision: float
     projector: float
+    audio: float = 0.0  # the audio tower
+    audio_projector: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.decoder + self.vision + self.projector
+        return self.decoder + self.vision + self.projector + self.audio + self.audio_projector
 
 
 def _mult(trained: bool, grad_flows: bool) -> float:
@@ -54,10 +56,11 @@ def projector_flops(num_params: int, frames: int, patches: int, *, trained: bool
 
 
 def step_flops(model_cfg, *, batch: int, seq_len: int, frames: int, projector_params: int,
-               trainable: tuple[str, ...] | set[str]) -> StepFlops:
+               trainable: tuple[str, ...] | set[str], audio_windows: int = 0) -> StepFlops:
     """FLOPs of one step for an `EmoLLMConfig` and a batch of `batch` x `seq_len` tokens with `frames` real
-    frames; `trainable` are the stage's groups (vision / projector / llm / lora). Each part gives its own
-    forward FLOPs (`forward_flops`); this adds the backward passes the stage runs."""
+    frames and `audio_windows` real windows of sound; `trainable` are the stage's groups (vision / audio /
+    projector / llm / lora). Each part gives its own forward FLOPs (`forward_flops`); this adds the backward
+    passes the stage runs."""
     trainable = set(trainable)
     llm_trained = "llm" in trainable or "lora" in trainable
     vision_grad = "vision" in trainable and not model_cfg.freeze_vision
@@ -66,7 +69,20 @@ def step_flops(model_cfg, *, batch: int, seq_len: int, frames: int, projector_pa
         vision=_mult(vision_grad, vision_grad) * model_cfg.vision.forward_flops(frames),
         projector=projector_flops(projector_params, frames, model_cfg.vision.num_patches,
                                   trained="projector" in trainable),
+        **audio_flops(model_cfg, audio_windows, trainable),
     )
+
+
+def audio_flops(model_cfg, windows: int, trainable: set[str]) -> dict[str, float]:
+    """The audio tower's and audio projector's FLOPs for `windows` windows (none without an audio tower)."""
+    audio = getattr(model_cfg, "audio", None)
+    if audio is None or windows <= 0:
+        return {}
+    grad = "audio" in trainable and not model_cfg.freeze_audio
+    projector = model_cfg.audio_projector.forward_flops(audio.width, model_cfg.text.hidden_size,
+                                                         audio.frames_per_window, windows)
+    return {"audio": _mult(grad, grad) * audio.forward_flops(windows),
+            "audio_projector": _mult("projector" in trainable, True) * projector}
 
 
 def _cache_file() -> Path:

@@ -1,7 +1,8 @@
 """Batched autoregressive generation with a KV cache: one prefill, then the whole decode loop in one jit.
 
 Works for any model with the decoder's cache protocol (``LlamaForCausalLM`` and ``EmoLLM``):
-``model(ids, attention_mask=..., cache=cache[, pixel_values=..., frame_media=...]) -> (logits, cache)``.
+``model(ids, attention_mask=..., cache=cache[, pixel_values=..., frame_media=..., audio_features=...,
+audio_media=...]) -> (logits, cache)``.
 The model goes in as ``nnx.split``'s (graphdef, state), so parameters are a jit argument (never baked in as
 constants) and may be sharded on a mesh; the compiled function is cached per (graphdef, decoding options) and
 jax.jit caches it per input shapes, so repeated calls with the same shapes do not recompile.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emollm_jax.models.emollm import EmoLLM, check_media_tokens
+from emollm_jax.models.emollm import EmoLLM, check_audio_tokens, check_media_tokens
 from emollm_jax.models.llama import init_cache
 
 
@@ -69,22 +70,22 @@ def make_generate_fn(
     temperature: float = 0.0,
     top_p: float = 1.0,
 ) -> Callable[..., jax.Array]:
-    """A jitted ``fn(state, input_ids, attention_mask, pixel_values, frame_media, rng) -> int32[B, N]``.
+    """A jitted ``fn(state, input_ids, attention_mask, media, rng) -> int32[B, N]``.
 
-    input_ids/attention_mask int32[B, T] (left padded); pixel_values/frame_media as ``EmoLLM`` takes them, or
-    None (text-only models must get None); rng a PRNG key (unused when greedy). Rows that produced an EOS get
-    ``pad_id`` afterwards; the loop stops early once every row has finished.
+    input_ids/attention_mask int32[B, T] (left padded); media a dict of the prefill's media keyword arguments
+    as ``EmoLLM`` takes them (pixel_values/frame_media, audio_features/audio_media; empty for text-only
+    models); rng a PRNG key (unused when greedy). Rows that produced an EOS get ``pad_id`` afterwards; the
+    loop stops early once every row has finished.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
     eos = jnp.asarray(eos_ids, jnp.int32)
 
-    def run(state, input_ids, attention_mask, pixel_values, frame_media, rng):
+    def run(state, input_ids, attention_mask, media, rng):
         model = nnx.merge(graphdef, state)
         decoder = _decoder(model)
         b, t = input_ids.shape
         cache = init_cache(decoder.config, b, t + max_new_tokens)
-        media = {} if pixel_values is None else {"pixel_values": pixel_values, "frame_media": frame_media}
         hidden, cache = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True,
                               **media)
         logits = decoder.logits(hidden[:, -1:])  # the prompt's last position only
@@ -118,6 +119,8 @@ def generate(
     *,
     pixel_values: jax.Array | None = None,
     frame_media: jax.Array | None = None,
+    audio_features: jax.Array | None = None,
+    audio_media: jax.Array | None = None,
     max_new_tokens: int,
     eos_id: int | Sequence[int],
     pad_id: int,
@@ -128,8 +131,8 @@ def generate(
     """Generates up to ``max_new_tokens`` after left-padded prompts; returns int32[B, max_new_tokens]
     (``pad_id`` after each row's EOS). Greedy at temperature 0, else nucleus sampling seeded by ``seed``.
 
-    For an EmoLLM with media, each row's image-token count is checked against its media on the host first
-    (a ValueError names the row)."""
+    For an EmoLLM with media (or sound), each row's image-token (audio-token) count is checked against its
+    media on the host first (a ValueError names the row)."""
     eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_id)))
     graphdef, state = nnx.split(model)
     fn = make_generate_fn(
@@ -141,15 +144,25 @@ def generate(
         top_p=float(top_p),
     )
     args: tuple[Any, ...] = (jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+    media: dict[str, jax.Array] = {}
+    # Inside the jitted prefill the media-token counts can't be checked; here they still can.
+    checkable = isinstance(model, EmoLLM) and all(getattr(x, "is_fully_addressable", True) for x in args)
     if pixel_values is not None:
-        pixel_values = jnp.asarray(pixel_values)
-        if frame_media is None:
-            k = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
-            frame_media = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (pixel_values.shape[0], k))
-        frame_media = jnp.asarray(frame_media, jnp.int32)
-        if isinstance(model, EmoLLM) and all(
-            getattr(x, "is_fully_addressable", True) for x in (*args, frame_media)
-        ):
-            # Inside the jitted prefill the image-token count can't be checked; here it still can.
-            check_media_tokens(model.config, np.asarray(args[0]), np.asarray(frame_media))
-    return fn(state, *args, pixel_values, frame_media, jax.random.key(seed))
+        media["pixel_values"] = jnp.asarray(pixel_values)
+        media["frame_media"] = _slots(media["pixel_values"], frame_media, 5)
+        if checkable and getattr(media["frame_media"], "is_fully_addressable", True):
+            check_media_tokens(model.config, np.asarray(args[0]), np.asarray(media["frame_media"]))
+    if audio_features is not None:
+        media["audio_features"] = jnp.asarray(audio_features)
+        media["audio_media"] = _slots(media["audio_features"], audio_media, 4)
+        if checkable and getattr(media["audio_media"], "is_fully_addressable", True):
+            check_audio_tokens(model.config, np.asarray(args[0]), np.asarray(media["audio_media"]))
+    return fn(state, *args, media, jax.random.key(seed))
+
+
+def _slots(values: jax.Array, slots: jax.Array | None, slotted_ndim: int) -> jax.Array:
+    """int32[B, K]: `slots`, or every slot its own media item when None (values without a slot axis: K=1)."""
+    if slots is None:
+        k = values.shape[1] if values.ndim == slotted_ndim else 1
+        return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (values.shape[0], k))
+    return jnp.asarray(slots, jnp.int32)

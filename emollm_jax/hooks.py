@@ -324,7 +324,7 @@ class TrainLogging(Hook):
         b, t = step.batch["input_ids"].shape
         f = flops.step_flops(stage.model_cfg, batch=b * self.process_count, seq_len=t,
                              frames=self._frames(step.batch), projector_params=stage.projector_params,
-                             trainable=stage.trainable)
+                             trainable=stage.trainable, audio_windows=self._frames(step.batch, "audio_media"))
         step_time = seconds / max(self._window_steps, 1)
         m = step.metrics
         return dict(step=step.global_step, stage=stage.name, stage_step=step.stage_step, loss=m["loss"],
@@ -333,9 +333,10 @@ class TrainLogging(Hook):
                     tokens_per_s=self._window_tokens / seconds, step_time_s=step_time,
                     mfu=flops.mfu(f.total / self.process_count, step_time, self.peak))
 
-    def _frames(self, batch: dict[str, np.ndarray]) -> int:
-        """Real frames in the global batch (this process's count x processes)."""
-        return int(np.sum(batch["frame_media"] >= 0)) * self.process_count if "frame_media" in batch else 0
+    def _frames(self, batch: dict[str, np.ndarray], key: str = "frame_media") -> int:
+        """Real frames (or audio windows, key "audio_media") in the global batch (this process's count x
+        processes)."""
+        return int(np.sum(batch[key] >= 0)) * self.process_count if key in batch else 0
 
     def on_stage_end(self, stage: StageInfo) -> None:
         if self._bar is not None:

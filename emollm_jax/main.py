@@ -39,7 +39,10 @@ flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.DEFINE_integer("plan_devices", None, "--mode=plan: fake CPU devices (default config.plan.num_devices).")
 flags.DEFINE_string("image", None, "--mode=predict: image file.")
-flags.DEFINE_string("video", None, "--mode=predict: video file or frame directory.")
+flags.DEFINE_string("video", None, "--mode=predict: video file or frame directory; a model with an audio "
+                    "tower also hears the file's sound track.")
+flags.DEFINE_string("audio", None, "--mode=predict: sound file (wav, flac, mp3, ogg, or a container's audio "
+                    "track), alone or beside --image / --video (then instead of the video's own sound).")
 flags.DEFINE_string("question", None, "--mode=predict: the question.")
 flags.DEFINE_string("jsonl", None, "--mode=predict: JSONL of requests.")
 flags.DEFINE_string("task", None, "--mode=predict: EmoBench task, to parse the answer into a label.")
@@ -150,7 +153,8 @@ def _check_inputs(config: ml_collections.ConfigDict) -> None:
     if FLAGS.mode == "predict":
         from emollm_jax.predict import check_request
 
-        check_request(question=FLAGS.question, jsonl=FLAGS.jsonl, image=FLAGS.image, video=FLAGS.video)
+        check_request(question=FLAGS.question, jsonl=FLAGS.jsonl, image=FLAGS.image, video=FLAGS.video,
+                      audio=FLAGS.audio)
 
 
 def _run_modes(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -186,8 +190,8 @@ def _run_modes(config: ml_collections.ConfigDict, workdir: str) -> None:
     if FLAGS.mode == "predict":
         from emollm_jax.predict import run_predict
 
-        run_predict(config, workdir, image=FLAGS.image, video=FLAGS.video, question=FLAGS.question,
-                    jsonl=FLAGS.jsonl, task=FLAGS.task, init_from=FLAGS.init_from)
+        run_predict(config, workdir, image=FLAGS.image, video=FLAGS.video, audio=FLAGS.audio,
+                    question=FLAGS.question, jsonl=FLAGS.jsonl, task=FLAGS.task, init_from=FLAGS.init_from)
 
 
 def run() -> None:

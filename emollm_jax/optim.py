@@ -1,9 +1,10 @@
 """Per-stage optimizer: AdamW, warmup + cosine/constant schedule, clipping, accumulation, frozen groups.
 
-Parameters fall into groups by where they live in EmoLLM (`vision`, `projector`, `llm`; LoRA adapters anywhere
-form `lora`). A stage trains some groups and freezes the rest. Frozen groups go through `optax.set_to_zero()`
-inside `optax.multi_transform`, so they get no Adam moments (`optax.masked` would still allocate them) and
-are left out of the clipping norm.
+Parameters fall into groups by where they live in EmoLLM (`vision`, `audio`, `projector` (both projectors),
+`llm`; LoRA adapters anywhere form `lora`). A stage trains some groups and freezes the rest. Frozen groups
+go through `optax.set_to_zero()` inside `optax.multi_transform`, so they get no Adam moments (`optax.masked`
+would still allocate them) and are left out of the clipping norm. A tower's fixed parameters (`fixed_params`
+of its config: Whisper's stored positions) are frozen in every stage: no update, no weight decay.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ import optax
 
 from data_pipeline.records import TASKS
 from emollm_jax.configuration import Section
-from emollm_jax.pytree import key_name
+from emollm_jax.models import catalog  # noqa: F401  (the shipped towers' fixed parameters)
+from emollm_jax.models.parts import AUDIO_TOWERS
+from emollm_jax.pytree import path_keys
 
-GROUPS: tuple[str, ...] = ("vision", "projector", "llm", "lora")
+GROUPS: tuple[str, ...] = ("vision", "audio", "projector", "llm", "lora")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
-_TOP_LEVEL = {"vision": "vision", "projector": "projector", "llm": "llm"}
+FIXED = "fixed"  # the group of parameters no stage trains
+# EmoLLM attribute -> group: the audio projector trains with the vision projector (stage 1 aligns both).
+_TOP_LEVEL = {"vision": "vision", "audio": "audio", "projector": "projector", "audio_projector": "projector",
+              "llm": "llm"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,16 +82,26 @@ class StageConfig(Section):
             self.fail("grad_accum", "must be >= 1")
 
 
+def _fixed_audio_params() -> set[str]:
+    """Dotted paths inside an audio tower that never train, over every registered audio tower kind."""
+    return {name for _, cls in AUDIO_TOWERS.items() for name in cls.fixed_params}
+
+
 def param_group(path: Sequence[Any]) -> str:
     """Group of the parameter at `path` (strings/ints or jax key-path entries).
 
-    `('vision', ...)` -> vision, `('projector', ...)` -> projector, any path through a `lora` adapter -> lora,
-    everything else -> llm (so a bare LlamaForCausalLM, rooted at `model`/`lm_head`, is all "llm").
+    `('vision', ...)` -> vision, `('audio', ...)` -> audio, `('projector', ...)` and
+    `('audio_projector', ...)` -> projector, any path through a `lora` adapter -> lora, an audio tower's
+    fixed parameter (`('audio', 'embed_positions')` for Whisper) -> "fixed", everything else -> llm (so a
+    bare LlamaForCausalLM, rooted at `model`/`lm_head`, is all "llm").
     """
-    keys = [key_name(k) for k in path]
+    keys = path_keys(path)
     if "lora" in keys:
         return "lora"
-    return _TOP_LEVEL.get(keys[0], "llm") if keys else "llm"
+    group = _TOP_LEVEL.get(keys[0], "llm") if keys else "llm"
+    if group == "audio" and ".".join(str(k) for k in keys[1:]) in _fixed_audio_params():
+        return FIXED
+    return group
 
 
 def trains_vision(trainable: Sequence[str], lora: Any = None) -> bool:
@@ -100,8 +116,10 @@ def group_labels(tree: Any) -> Any:
 
 
 def decay_mask(tree: Any) -> Any:
-    """True for leaves that get weight decay: kernels and embedding tables (ndim >= 2), not norms/biases."""
-    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
+    """True for leaves that get weight decay: kernels and embedding tables (ndim >= 2), not norms, biases
+    or fixed parameters."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ndim(x) >= 2 and param_group(p) != FIXED, tree)
 
 
 def lr_schedule(

@@ -33,6 +33,7 @@ import numpy as np
 from emollm_jax import experiment, sharding, train
 from emollm_jax.configuration import Section, apply_overrides
 from emollm_jax.models import attention
+from emollm_jax.models.emollm import audio_parts
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,19 @@ def _sharded_bytes(abstract: Any, shardings: Any) -> float:
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of a training batch (the keys of `train.BATCH_KEYS`) with the data sharding."""
+    """ShapeDtypeStructs of a training batch (the keys of `train.BATCH_KEYS`; the audio ones with an audio
+    tower) with the data sharding."""
     t, k = int(config.data.max_len), int(config.data.num_frames)
     size = int(config.model.vision.image_size)
     sh = sharding.data_sharding(mesh)
     spec = dict(input_ids=((batch, t), np.int32), attention_mask=((batch, t), np.int32),
                 targets=((batch, t), np.int32), loss_mask=((batch, t), np.float32),
                 pixel_values=((batch, k, size, size, 3), np.float32), frame_media=((batch, k), np.int32))
+    tower = audio_parts(config.model)[0]
+    if tower is not None:  # the audio tower's windows: `data.audio_windows` per sample
+        a = int(config.data.get("audio_windows", 1))
+        spec.update(audio_features=((batch, a, tower.n_mels, tower.mel_frames), np.float32),
+                    audio_media=((batch, a), np.int32))
     return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for key, (shape, dtype) in spec.items()}
 
 

@@ -19,7 +19,7 @@ from emollm_jax.configuration import ConfigError, Section
 from emollm_jax.data import DataConfig
 from emollm_jax.emoprompt import EmoPromptConfig
 from emollm_jax.evaluate import EvalConfig
-from emollm_jax.experiment import InitConfig
+from emollm_jax.experiment import AUDIO_TOKEN_ID, InitConfig
 from emollm_jax.lora import LoRAConfig
 from emollm_jax.models.emollm import EmoLLMConfig
 from emollm_jax.optim import StageConfig
@@ -70,7 +70,8 @@ def _model(m: ml_collections.ConfigDict) -> EmoLLMConfig:
     vocab = int(m.text.get("vocab_size", 0))
     image_id = int(m.get("image_token_id", -1))
     return EmoLLMConfig.from_config(m, vocab_size=vocab if vocab > 0 else 1,
-                                    image_token_id=image_id if image_id != -1 else 0)
+                                    image_token_id=image_id if image_id != -1 else 0,
+                                    audio_token_id=int(m.get("audio_token_id", AUDIO_TOKEN_ID)))
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -104,6 +105,9 @@ def _check_stages(config: ml_collections.ConfigDict, sections: RunSections, mesh
                   f"{s.batch_size // dp}")
         if "lora" in s.trainable and sections.lora.rank <= 0:
             _fail(f"{key}.trainable", "'lora' is trainable but config.lora.rank is 0")
+        if "audio" in s.trainable and sections.model.audio is None:
+            _fail(f"{key}.trainable", "'audio' is trainable but the model has no audio tower "
+                  "(config.model.audio.kind='none')")
 
 
 # configs/emobench.py variants that fine-tune pretrained checkpoints (the others start from random weights)

@@ -70,7 +70,8 @@ class TrainConfig(Section):
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media")
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media",
+              "audio_features", "audio_media")
 
 
 class StageData(Protocol):
@@ -184,6 +185,7 @@ def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tu
     """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS)."""
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
+                   audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
                    return_hidden=True)
     return token_cross_entropy(model.llm.logits, hidden, batch["targets"], batch["loss_mask"], chunk)
 
@@ -247,15 +249,16 @@ def abstract_model(model_cfg: EmoLLMConfig, seed: int = 0) -> tuple[nnx.GraphDef
 
 def build_stage(config: ml_collections.ConfigDict, index: int, base_cfg: EmoLLMConfig,
                 mesh: jax.sharding.Mesh, total_steps: int) -> StageState:
-    """Optimizer, shardings and the jitted step for stage `config.stage_order[index]`. The vision tower sits
-    under stop_gradient unless the stage trains it (or its adapters), so frozen-tower stages skip its
-    backward pass."""
+    """Optimizer, shardings and the jitted step for stage `config.stage_order[index]`. The vision and audio
+    towers sit under stop_gradient unless the stage trains them (or the vision tower's adapters), so
+    frozen-tower stages skip their backward pass."""
     from emollm_jax.optim import make_optimizer, trains_vision
 
     name = config.stage_order[index]
     stage = config.stages[name]
     trainable = tuple(stage.trainable)
-    model_cfg = dataclasses.replace(base_cfg, freeze_vision=not trains_vision(trainable, base_cfg.lora))
+    model_cfg = dataclasses.replace(base_cfg, freeze_vision=not trains_vision(trainable, base_cfg.lora),
+                                    freeze_audio="audio" not in trainable)
     graphdef, abstract_params, rest = abstract_model(model_cfg, config.seed)
     opt = make_optimizer(stage, abstract_params, total_steps)
     tx, lr_fn = opt.tx, opt.lr_fn
@@ -387,7 +390,8 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
     setup = experiment.prepare_data(config, workdir)
     tokenizer = experiment.load_tokenizer(setup)
     base_cfg = experiment.model_config(config, vocab_size=tokenizer.vocab_size,
-                                       image_token_id=tokenizer.image_token_id, init_from=init_from)
+                                       image_token_id=tokenizer.image_token_id, init_from=init_from,
+                                       audio_token_id=getattr(tokenizer, "audio_token_id", None))
     ckpt = Checkpointer(workdir_p / "checkpoints", max_to_keep=int(config.train.max_to_keep),
                         save_interval_steps=int(config.train.checkpoint_every))
     peak, peak_source = flops.device_peak_flops()

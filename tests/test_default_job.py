@@ -57,12 +57,17 @@ def test_default_job_leaves_checkpoint_metrics_plots_and_report(job):
     results = json.loads((workdir / "eval" / "results.json").read_text())
     assert results["splits"]["test"]["emobench_tasks"] == list(EMOBENCH)
     for task in EMOBENCH:
-        assert results["accuracy"][task] == pytest.approx(
-            results["splits"]["test"]["tasks"][task]["correct"] / 6)
+        scores = results["splits"]["test"]["tasks"][task]
+        assert scores["n"] == (12 if task in ("emo_c", "sarcasm") else 6)  # 6 per task, 6 voices in two
+        assert results["accuracy"][task] == pytest.approx(scores["correct"] / scores["n"])
     assert 0.0 <= results["emobench_mean"] <= 1.0
     assert results["control"]["split"] == "test_blank"
+    assert results["audio_control"]["split"] == "test_silent"  # the job reads sound: voices and their control
+    assert {k: v["n"] for k, v in results["splits"]["test"]["tasks"]["emo_c"]["by_media"].items()} == {
+        "image": 6, "audio": 6}
     report = (workdir / "eval" / "report.md").read_text()
     assert "EmoBench mean" in report and all(f"| {t} |" in report for t in EMOBENCH)
+    assert "| sarcasm | audio | 6 |" in report and "| sarcasm | audio | 6 |" in proc.stdout
     assert "EmoBench mean accuracy" in proc.stderr
     assert "| emo_c |" in proc.stdout and "EmoBench mean" in proc.stdout  # the table is printed
 

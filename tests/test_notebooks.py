@@ -25,6 +25,7 @@ def test_notebook_structure():
     assert 'VARIANT = "tiny"' in params
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.get("outputs") for c in code_cells), "commit notebooks without outputs"
+    assert any("log_mel_spectrogram" in c.source and "record_sound" in c.source for c in code_cells)
 
 
 @pytest.mark.slow
@@ -45,5 +46,7 @@ def test_notebook_runs_on_tiny(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "not on Colab" in text and "EmoBench mean accuracy:" in text
+    assert "audio example: emo_c-voice-test-" in text   # a voice record, with its waveform and spectrogram
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 9                            # 8 confusion matrices + the predictions figure
+    assert len(images) >= 10  # 8 confusion matrices, the predictions figure, the audio figure
+    assert (work / "data" / "test_silent.jsonl").exists()

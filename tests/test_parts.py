@@ -16,6 +16,7 @@ from emollm_jax.models.clip import CLIPConfig
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig
 from emollm_jax.models.parts import (
+    AUDIO_PROJECTORS,
     AUDIO_TOWERS,
     DECODERS,
     PROJECTORS,
@@ -59,6 +60,9 @@ def _instances():
     for kind, cls in PROJECTORS.items():
         cfg = cls(levels=(-1, -2)) if cls is MVPConfig else cls()
         yield kind, cfg, cfg.build(8, 12, rngs=nnx.Rngs(0))
+    for kind, cls in AUDIO_PROJECTORS.items():
+        cfg = cls(tokens_per_window=2)
+        yield kind, cfg, cfg.build(8, 12, 4, rngs=nnx.Rngs(0))
 
 
 def test_parts_declare_the_logical_axes_their_params_carry():
@@ -68,7 +72,7 @@ def test_parts_declare_the_logical_axes_their_params_carry():
 
 def test_every_declared_axis_has_a_rule_and_every_rule_is_used():
     declared = {n for _, cls in [*VISION_TOWERS.items(), *AUDIO_TOWERS.items(), *DECODERS.items(),
-                                 *PROJECTORS.items()]
+                                 *PROJECTORS.items(), *AUDIO_PROJECTORS.items()]
                 for n in cls.logical_axes}
     rules = {name for name, _ in sharding.DEFAULT_RULES}
     assert declared <= rules, declared - rules

@@ -130,6 +130,10 @@ def config_to_llava_hf(cfg: EmoLLMConfig, *, image_token_in_vocab: bool = True) 
         raise ValueError(
             f"projector kind {cfg.projector.kind!r} has no HF Llava counterpart ({_HF_PROJECTOR} only)"
         )
+    if cfg.audio is not None:
+        raise ValueError(f"HF Llava has no audio tower: export the {cfg.audio.kind} tower alone "
+                         "(save_hf(model.audio, dir)), or keep this project's checkpoints, which hold every "
+                         "part")
     if image_token_in_vocab and not 0 <= cfg.image_token_id < cfg.text.vocab_size:
         raise ValueError(f"image_token_id={cfg.image_token_id} must lie inside the vocab for HF Llava "
                          f"(vocab_size {cfg.text.vocab_size})")  # fmt: skip

@@ -6,8 +6,9 @@ everything the rest of the project needs to know about it:
 - its config and the range checks of its fields (a frozen dataclass, `check()`);
 - its HF config: `from_hf(hf)` / `to_hf()`, and `hf_model_types` (which config.json describes it);
 - its module: `build(...)`; a vision tower maps pixels to a `TowerOutput`, an audio tower maps log-mel
-  features to frame embeddings, a projector maps `VisualFeatures` to visual tokens, a decoder is a causal LM
-  with `embed`, `logits` and the KV-cache call;
+  features to frame embeddings, a projector maps `VisualFeatures` to visual tokens, an audio projector pools
+  and maps one window's frame embeddings to a fixed number of audio tokens, a decoder is a causal LM with
+  `embed`, `logits` and the KV-cache call;
 - what it offers or needs: a vision tower's `width`, `num_patches`, `num_prefix_tokens`,
   `num_hidden_states`; an audio tower's `width`, `n_mels`, `mel_frames`, `frames_per_window`,
   `num_hidden_states`; a projector's `feature_levels()` and `needs_class_token`; a decoder's
@@ -18,9 +19,10 @@ everything the rest of the project needs to know about it:
 - its HF key table (`hf_key_table()`: rows of HF key, our parameter path, hook name);
 - the logical axis names its parameters carry (`logical_axes`), which the sharding rules map to the mesh.
 
-The config blocks `config.model.vision`, `config.model.projector`, `config.model.text` carry a `kind` that
-picks the class (`part_config(VISION_TOWERS, config.model.vision, "model.vision")`); `EmoLLM` composes the
-three and names no class. Conversion (`emollm_jax.convert`) reads the HF key tables and `from_hf`/`to_hf`, so
+The config blocks `config.model.vision`, `config.model.projector`, `config.model.text` (and optionally
+`config.model.audio`, `config.model.audio_projector`) carry a `kind` that picks the class
+(`part_config(VISION_TOWERS, config.model.vision, "model.vision")`); `EmoLLM` composes them and names no
+class. Conversion (`emollm_jax.convert`) reads the HF key tables and `from_hf`/`to_hf`, so
 adding a part is: one model file with its config class (fields, checks, module, key table) and its
 registration line.
 """
@@ -167,6 +169,10 @@ class AudioTowerConfig(PartConfig):
         """Log-mel frames of one input window."""
         raise NotImplementedError
 
+    # Parameter paths (inside the tower) that never train: checkpoints store them, no stage updates them and
+    # no weight decay shrinks them (Whisper's sinusoidal positions).
+    fixed_params: ClassVar[tuple[str, ...]] = ()
+
     @property
     def frames_per_window(self) -> int:
         """Embeddings the tower emits per window (Whisper: 1500 per 30 s)."""
@@ -183,6 +189,28 @@ class AudioTowerConfig(PartConfig):
         raise NotImplementedError
 
     def forward_flops(self, windows: int) -> float:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioProjectorConfig(PartConfig):
+    """Interface of an audio projector: `build(din, dout, frames, rngs, ...)` gives a module mapping one
+    window's tower output float[N, frames, din] to float[N, num_output_tokens(frames), dout], a fixed number
+    of audio tokens per window whatever the sound in it."""
+
+    def build(self, din: int, dout: int, frames: int, *, rngs: Any, dtype: Any = None,
+              param_dtype: Any = None) -> Any:
+        raise NotImplementedError
+
+    def num_output_tokens(self, frames: int) -> int:
+        """Audio tokens it emits per window of `frames` tower embeddings."""
+        raise NotImplementedError
+
+    def check_frames(self, frames: int) -> str | None:
+        """Why it cannot read windows of `frames` tower embeddings, or None."""
+        return None
+
+    def forward_flops(self, din: int, dout: int, frames: int, windows: int) -> float:
         raise NotImplementedError
 
 
@@ -232,6 +260,7 @@ class DecoderConfig(PartConfig):
 
 VISION_TOWERS: Registry[type[VisionTowerConfig]] = Registry("vision tower")
 AUDIO_TOWERS: Registry[type[AudioTowerConfig]] = Registry("audio tower")
+AUDIO_PROJECTORS: Registry[type[AudioProjectorConfig]] = Registry("audio projector")
 PROJECTORS: Registry[type[ProjectorConfig]] = Registry("projector")
 DECODERS: Registry[type[DecoderConfig]] = Registry("decoder")
 
@@ -249,6 +278,7 @@ def _registrar(registry: Registry) -> Callable[[str], Callable[[type[P]], type[P
 
 vision_tower = _registrar(VISION_TOWERS)
 audio_tower = _registrar(AUDIO_TOWERS)
+audio_projector = _registrar(AUDIO_PROJECTORS)
 projector = _registrar(PROJECTORS)
 decoder = _registrar(DECODERS)
 

@@ -52,6 +52,7 @@ class WhisperConfig(AudioTowerConfig):
     # WhisperForConditionalGeneration
     hf_prefixes = ("", "encoder.", "model.encoder.")
     hf_probe_key = "conv1.weight"
+    fixed_params = ("embed_positions",)  # stored sinusoids: HF freezes them, so do our optimizers
 
     def check(self) -> None:
         if self.hidden_act not in layers.ACTIVATIONS:
