@@ -93,7 +93,7 @@ def without_perspective(model: EmoLLM, name: str) -> EmoLLM:
     cfg = dataclasses.replace(model.config, projector=dataclasses.replace(
         pc, perspectives=tuple(pc.perspectives[i] for i in keep)))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: EmoLLM(cfg, rngs=nnx.Rngs(0))))
-    old = nnx.state(model).to_pure_dict()
+    old = nnx.to_pure_dict(nnx.state(model))
 
     def fill(target: Mapping[str, Any], source: Mapping[str, Any], path: tuple) -> dict[str, Any]:
         out = {}
@@ -106,7 +106,7 @@ def without_perspective(model: EmoLLM, name: str) -> EmoLLM:
                 out[key] = source[key]
         return out
 
-    nnx.replace_by_pure_dict(abstract, fill(abstract.to_pure_dict(), old, ()))
+    nnx.replace_by_pure_dict(abstract, fill(nnx.to_pure_dict(abstract), old, ()))
     return nnx.merge(graphdef, abstract)
 
 

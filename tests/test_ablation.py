@@ -84,7 +84,8 @@ def test_foundation_runs_differ_the_way_their_families_do():
 
 
 def test_an_unregistered_part_names_its_combination(capsys):
-    config = load_config(f"{ABLATION}:foundations", ["ablation.foundations.siglip_qwen2.model.vision.kind=vit9"])
+    bogus = "ablation.foundations.siglip_qwen2.model.vision.kind=vit9"
+    config = load_config(f"{ABLATION}:foundations", [bogus])
     with pytest.raises(AblationError) as e:
         plan_runs(config)
     msg = str(e.value)
@@ -122,12 +123,13 @@ def _row(foundation, variant, seed, accs, blank=0.3):
 
 def test_summary_relative_improvement_table_and_chart(tmp_path):
     rng = np.random.default_rng(0)
-    acc = {(f, v, s): rng.uniform(0.2, 0.9, size=6) for f in ("a", "b") for v in ("base", "mvp") for s in (0, 1)}
+    keys = [(f, v, s) for f in ("a", "b") for v in ("base", "mvp") for s in (0, 1)]
+    acc = {k: rng.uniform(0.2, 0.9, size=6) for k in keys}
     rows = [_row(f, v, s, a) for (f, v, s), a in acc.items()]
     setup = ablation_report.Setup("T", "shortened", "base", (0, 1), "stage 3 steps (batch 2)", "mini")
     summary = ablation_report.write(tmp_path, rows, setup)
 
-    score = {(f, v): np.mean([acc[f, v, s].mean() for s in (0, 1)]) for f in ("a", "b") for v in ("base", "mvp")}
+    score = {(f, v): np.mean([acc[f, v, s].mean() for s in (0, 1)]) for f, v, _ in keys}
     rel = {f: (score[f, "mvp"] - score[f, "base"]) / score[f, "base"] for f in ("a", "b")}
     got = {r["foundation"]: r["relative"] for r in summary["relative"]}
     assert got == pytest.approx(rel)
@@ -181,13 +183,20 @@ def test_reduced_foundations_through_the_cli(tmp_path):
     runs = {(r["foundation"], r["variant"], r["seed"]): r for r in saved["runs"]}
     assert runs["clip_mistral", "mvp_emoprompt", 0]["template"] == "llama2"
     assert runs["clip_mistral", "mvp_emoprompt", 0]["m"] == 1 and runs["clip_llama", "base", 1]["m"] == 0
+    # each run's tokenizer knows its decoder's template: [INST] and <<SYS>> are words, not <unk>
+    from data_pipeline.text import UNK, load_tokenizer
+
+    tok = load_tokenizer(str(tmp_path / "clip_mistral" / "base" / "seed0" / "tokenizer"))
+    assert tok.token_to_id(UNK) not in tok.encode("[INST] <<SYS>>\nYou are a helpful language [/INST]")
     # the seed is a real axis: the two seeds start from different weights
     loss = [json.loads((tmp_path / "clip_llama" / "base" / f"seed{s}" / "metrics.jsonl").read_text()
                        .splitlines()[0])["loss"] for s in (0, 1)]
     assert loss[0] != loss[1]
+    def score(f, v):
+        return np.mean([runs[f, v, s]["results"]["emobench_mean"] for s in (0, 1)])
+
     for r in saved["summary"]["relative"]:
-        base = np.mean([runs[r["foundation"], "base", s]["results"]["emobench_mean"] for s in (0, 1)])
-        value = np.mean([runs[r["foundation"], "mvp_emoprompt", s]["results"]["emobench_mean"] for s in (0, 1)])
+        base, value = score(r["foundation"], "base"), score(r["foundation"], "mvp_emoprompt")
         assert r["baseline"] == pytest.approx(base) and r["value"] == pytest.approx(value)
 
 
