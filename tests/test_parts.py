@@ -16,6 +16,7 @@ from emollm_jax.models.clip import CLIPConfig
 from emollm_jax.models.emollm import EmoLLM, EmoLLMConfig
 from emollm_jax.models.llama import LlamaConfig
 from emollm_jax.models.parts import (
+    AUDIO_TOWERS,
     DECODERS,
     PROJECTORS,
     VISION_TOWERS,
@@ -26,6 +27,7 @@ from emollm_jax.models.parts import (
     vision_tower,
 )
 from emollm_jax.models.projectors import MLPProjectorConfig, MVPConfig
+from emollm_jax.models.whisper import WhisperConfig
 
 TINY_TOWER = dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_layers=3,
                   num_heads=2)
@@ -46,6 +48,11 @@ def _instances():
         if kind == "clip":
             cfg = cls(**TINY_TOWER)
             yield kind, cfg, cfg.build(rngs=nnx.Rngs(0))
+    for kind, cls in AUDIO_TOWERS.items():
+        if cls is WhisperConfig:
+            cfg = cls(num_mel_bins=8, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      max_source_positions=4)
+            yield kind, cfg, cfg.build(rngs=nnx.Rngs(0))
     for kind, cls in DECODERS.items():
         cfg = cls(**TINY_TEXT)
         yield kind, cfg, cfg.build(rngs=nnx.Rngs(0))
@@ -60,7 +67,8 @@ def test_parts_declare_the_logical_axes_their_params_carry():
 
 
 def test_every_declared_axis_has_a_rule_and_every_rule_is_used():
-    declared = {n for _, cls in [*VISION_TOWERS.items(), *DECODERS.items(), *PROJECTORS.items()]
+    declared = {n for _, cls in [*VISION_TOWERS.items(), *AUDIO_TOWERS.items(), *DECODERS.items(),
+                                 *PROJECTORS.items()]
                 for n in cls.logical_axes}
     rules = {name for name, _ in sharding.DEFAULT_RULES}
     assert declared <= rules, declared - rules

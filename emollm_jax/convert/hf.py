@@ -1,13 +1,16 @@
 """Which family an HF directory is, and `load_hf`: every registered part alone, plus Llava composites.
 
-A registered vision tower or decoder (`emollm_jax.models.parts`) is loadable alone from its own HF directory
-with no code here: its config class brings `from_hf`, its key table and the prefixes its keys sit under.
-Composite layouts (Llava, original LLaVA) are `Family` objects in `convert.llava`; `register_family` adds
-more. Matching tries composites first (newest registration first), then decoders, then towers.
+A registered vision tower, audio tower or decoder (`emollm_jax.models.parts`) is loadable alone from its own
+HF directory with no code here: its config class brings `from_hf`, its key table and the prefixes its keys
+sit under. Composite layouts (Llava, original LLaVA) are `Family` objects in `convert.llava`;
+`register_family` adds more. Matching tries composites first (newest registration first), then decoders,
+then vision towers, then audio towers.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,9 @@ from emollm_jax.convert.keymap import KeyMap, find_prefix
 from emollm_jax.convert.llava import LLAVA, LLAVA_ORIGINAL
 from emollm_jax.convert.safetensors_io import CheckpointError, open_checkpoint
 from emollm_jax.models import catalog  # noqa: F401  (registers the shipped parts)
-from emollm_jax.models.parts import DECODERS, VISION_TOWERS, PartConfig
+from emollm_jax.models.parts import AUDIO_TOWERS, DECODERS, VISION_TOWERS, PartConfig
 
+log = logging.getLogger(__name__)
 _COMPOSITES: list[Family] = [LLAVA_ORIGINAL, LLAVA]
 
 
@@ -42,8 +46,13 @@ def part_family(cls: type[PartConfig], *, is_lm: bool) -> Family:
         if found is None:
             probes = [p + cls.hf_probe_key for p in cls.hf_prefixes]
             raise CheckpointError(f"no {cls.kind} weights found: none of {probes} is in the checkpoint")
-        # hf_ignore names keys beside the part's (a CLIPModel's text half), not under its prefix
+        # hf_ignore names keys beside the part's (a CLIPModel's text half, a Whisper decoder), not under its
+        # prefix
         beside = KeyMap((), tuple(config.hf_ignore(hf)))
+        skipped = sorted(k for k in keys if any(re.fullmatch(p, k) for p in beside.ignore))
+        if skipped:
+            log.info("%s: loading the %s part alone; %d checkpoint keys beside it are skipped on purpose "
+                     "(e.g. %s)", cls.kind, cls.kind, len(skipped), skipped[0])
         return KeyMap.table(config.hf_key_table()).with_prefix(found) + beside
 
     return Family(
@@ -63,7 +72,8 @@ def families() -> list[Family]:
     """Every family `load_hf` and `save_hf` know, in matching order."""
     decoders = [part_family(cls, is_lm=True) for _, cls in reversed(tuple(DECODERS.items()))]
     towers = [part_family(cls, is_lm=False) for _, cls in reversed(tuple(VISION_TOWERS.items()))]
-    return [*_COMPOSITES, *decoders, *towers]
+    audio = [part_family(cls, is_lm=False) for _, cls in reversed(tuple(AUDIO_TOWERS.items()))]
+    return [*_COMPOSITES, *decoders, *towers, *audio]
 
 
 def detect_family(hf_config: Mapping[str, Any], keys: set[str], where: str = "") -> Family:

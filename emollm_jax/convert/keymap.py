@@ -42,8 +42,9 @@ def _resample(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 NONE = Hook("none", lambda x, shape: x, lambda x: x)
 # torch Linear [out, in] <-> nnx.Linear [in, out]
 TRANSPOSE = Hook("transpose", lambda x, shape: x.T, lambda x: x.T)
-# torch Conv2d [O, I, kh, kw] <-> nnx.Conv [kh, kw, I, O]
-CONV = Hook("conv", lambda x, shape: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+# torch Conv1d/Conv2d [O, I, *k] <-> nnx.Conv [*k, I, O]
+CONV = Hook("conv", lambda x, shape: x.transpose(*range(2, x.ndim), 1, 0),
+            lambda x: x.transpose(x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))
 # position embeddings, bilinearly resampled to the configured image size on load
 POSEMB = Hook("posemb", _resample, lambda x: x)
 # an HF key skipped on purpose (no parameter of ours; never written back)

@@ -48,6 +48,20 @@ def linear(n_in: int, n_out: int, names: tuple[str | None, str | None], rngs: nn
     )
 
 
+def conv1d(n_in: int, n_out: int, kernel_size: int, names: tuple[str | None, str | None], rngs: nnx.Rngs, *,
+           stride: int = 1, padding: int = 0, dtype: Any = None, param_dtype: Any = jnp.float32,
+           bias: bool = True, init: Any = NORMAL_002) -> nnx.Conv:
+    """`nnx.Conv` over float[B, T, n_in] (channels last) as torch's `Conv1d(n_in, n_out, kernel_size, stride,
+    padding)`: `padding` zeros on each side. Its kernel float[kernel_size, n_in, n_out] carries the logical
+    axes (None, *names), the bias `names[1]`."""
+    return nnx.Conv(
+        n_in, n_out, (kernel_size,), strides=(stride,), padding=((padding, padding),), use_bias=bias,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=nnx.with_partitioning(init, (None, *names)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
+    )
+
+
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, *, names: tuple[str] = ("norm",), dtype: Any = None,
                param_dtype: Any = jnp.float32, fast_variance: bool = False) -> nnx.LayerNorm:
     """LayerNorm with scale and bias on the logical axis `names`; `fast_variance=False` computes the

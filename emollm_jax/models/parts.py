@@ -1,15 +1,19 @@
-"""The parts an EmoLLM is composed of: vision towers, projectors and decoders, each registered by name.
+"""The parts an EmoLLM is composed of: vision and audio towers, projectors and decoders, registered by name.
 
 A part is its config class. Registered once (`@vision_tower("clip")` on the class), it declares in one place
 everything the rest of the project needs to know about it:
 
 - its config and the range checks of its fields (a frozen dataclass, `check()`);
 - its HF config: `from_hf(hf)` / `to_hf()`, and `hf_model_types` (which config.json describes it);
-- its module: `build(...)`; a tower maps pixels to a `TowerOutput`, a projector maps `VisualFeatures` to
-  visual tokens, a decoder is a causal LM with `embed`, `logits` and the KV-cache call;
-- what it offers or needs: a tower's `width`, `num_patches`, `num_prefix_tokens`, `num_hidden_states`; a
-  projector's `feature_levels()` and `needs_class_token`; a decoder's `chat_template` and `lora_targets`;
-- a tower's preprocessing (`preprocessing()`: size, pad/crop/resize, mean, std);
+- its module: `build(...)`; a vision tower maps pixels to a `TowerOutput`, an audio tower maps log-mel
+  features to frame embeddings, a projector maps `VisualFeatures` to visual tokens, a decoder is a causal LM
+  with `embed`, `logits` and the KV-cache call;
+- what it offers or needs: a vision tower's `width`, `num_patches`, `num_prefix_tokens`,
+  `num_hidden_states`; an audio tower's `width`, `n_mels`, `mel_frames`, `frames_per_window`,
+  `num_hidden_states`; a projector's `feature_levels()` and `needs_class_token`; a decoder's
+  `chat_template` and `lora_targets`;
+- a tower's preprocessing (`preprocessing()`: size, pad/crop/resize, mean, std for pixels; mel bins and
+  window length for sound);
 - its FLOPs (`forward_flops`; a projector's come from its parameter count and `num_output_tokens`);
 - its HF key table (`hf_key_table()`: rows of HF key, our parameter path, hook name);
 - the logical axis names its parameters carry (`logical_axes`), which the sharding rules map to the mesh.
@@ -134,6 +138,53 @@ class VisionTowerConfig(PartConfig):
         raise NotImplementedError
 
 
+@dataclasses.dataclass(frozen=True)
+class AudioPreprocessing:
+    """What an audio tower reads (`data_pipeline.audio.log_mel_windows`'s arguments): `n_mels` log-mel bins
+    over windows of `window_seconds` (Whisper: 30 s = 3000 frames of 10 ms)."""
+
+    n_mels: int
+    window_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioTowerConfig(PartConfig):
+    """Interface of an audio tower. `build(rngs)` gives a module called on input_features
+    float[B, n_mels, mel_frames] (one window each, transformers' layout) that returns its last hidden state
+    float[B, frames_per_window, width]; its `hidden_states(input_features)` returns every depth
+    (`num_hidden_states` arrays of that shape)."""
+
+    @property
+    def width(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def n_mels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def mel_frames(self) -> int:
+        """Log-mel frames of one input window."""
+        raise NotImplementedError
+
+    @property
+    def frames_per_window(self) -> int:
+        """Embeddings the tower emits per window (Whisper: 1500 per 30 s)."""
+        raise NotImplementedError
+
+    @property
+    def num_hidden_states(self) -> int:
+        raise NotImplementedError
+
+    def build(self, *, rngs: Any) -> Any:
+        raise NotImplementedError
+
+    def preprocessing(self) -> AudioPreprocessing:
+        raise NotImplementedError
+
+    def forward_flops(self, windows: int) -> float:
+        raise NotImplementedError
+
 
 class VisualFeatures(NamedTuple):
     """What a projector gets for N frames: patches float[N, P, Dv] of the selected layer, levels
@@ -180,6 +231,7 @@ class DecoderConfig(PartConfig):
 
 
 VISION_TOWERS: Registry[type[VisionTowerConfig]] = Registry("vision tower")
+AUDIO_TOWERS: Registry[type[AudioTowerConfig]] = Registry("audio tower")
 PROJECTORS: Registry[type[ProjectorConfig]] = Registry("projector")
 DECODERS: Registry[type[DecoderConfig]] = Registry("decoder")
 
@@ -196,6 +248,7 @@ def _registrar(registry: Registry) -> Callable[[str], Callable[[type[P]], type[P
 
 
 vision_tower = _registrar(VISION_TOWERS)
+audio_tower = _registrar(AUDIO_TOWERS)
 projector = _registrar(PROJECTORS)
 decoder = _registrar(DECODERS)
 
