@@ -58,8 +58,9 @@ _TOWER = dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=25
 _DECODER = dict(vocab_size=0, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
                 num_kv_heads=2, max_position_embeddings=1024)
 CLIP = dict(kind="clip", **_TOWER, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_mode="pad")
-SIGLIP = dict(kind="siglip", **_TOWER, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, image_mode="resize",
-              use_head=False)  # LLaVA reads a hidden state, never the attention-pooling head
+# LLaVA reads a SigLIP hidden state, never its attention-pooling head.
+SIGLIP = dict(kind="siglip", **_TOWER, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+              image_mode="resize", use_head=False)
 LLAMA = dict(kind="llama", **_DECODER, rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=False,
              tie_word_embeddings=False)  # Vicuna-7B-v1.5 / LLaVA-1.5
 QWEN2 = dict(kind="qwen2", **_DECODER, rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=True,
