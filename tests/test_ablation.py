@@ -17,11 +17,10 @@ from emollm_jax.answers import EMOBENCH_TASKS
 from emollm_jax.configuration import ConfigError, apply_overrides, flatten, load_config
 from emollm_jax.data import template_name
 from emollm_jax.experiment import model_config
-from emollm_jax.models.parts import VISION_TOWERS
+from emollm_jax.models.parts import DECODERS, VISION_TOWERS
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATION = ROOT / "configs" / "ablation.py"
-NO_SIGLIP = "ablation.foundations.siglip_qwen2.model.vision.kind=clip"  # SigLIP's fields on a CLIP tower
 
 
 def test_variants_and_overrides():
@@ -60,7 +59,11 @@ def _parts(run):
 
 
 def test_foundation_runs_differ_the_way_their_families_do():
-    config = load_config(f"{ABLATION}:foundations", [NO_SIGLIP])
+    config = load_config(f"{ABLATION}:foundations")
+    siglip = "siglip" in VISION_TOWERS
+    if not siglip:  # the Qwen2 half of the combination is checked on the CLIP tower
+        foundations = config.ablation.foundations
+        foundations.siglip_qwen2.model.vision = foundations.clip_llama.model.vision
     runs = plan_runs(config, num_devices=1)
     assert len(runs) == 3 * 2 * 3
     assert [r.seed for r in runs if (r.foundation, r.variant) == ("clip_mistral", "base")] == [0, 1, 2]
@@ -72,13 +75,19 @@ def test_foundation_runs_differ_the_way_their_families_do():
     llama, t_llama = _parts(base)
     mistral, t_mistral = _parts(by["clip_mistral", "base"])
     qwen, t_qwen = _parts(by["siglip_qwen2", "mvp_emoprompt"])
-    assert (llama.text.kind, t_llama, llama.text.sliding_window, llama.text.attention_bias) == (
-        "llama", "vicuna_v1", None, False)
-    assert (mistral.text.kind, t_mistral, mistral.text.sliding_window) == ("mistral", "llama2", 64)
-    assert (qwen.text.kind, t_qwen, qwen.text.attention_bias, qwen.text.tie_word_embeddings) == (
-        "qwen2", "chatml", True, True)
+    # each decoder with its own chat template (data.template ""), and the three differ
+    own = [DECODERS.get(kind).chat_template for kind in ("llama", "mistral", "qwen2")]
+    assert [t_llama, t_mistral, t_qwen] == own
+    assert len({t_llama, t_mistral, t_qwen}) == 3
+    assert (llama.text.kind, llama.text.sliding_window, llama.text.attention_bias) == ("llama", None, False)
+    assert (mistral.text.kind, mistral.text.sliding_window) == ("mistral", 64)
+    assert (qwen.text.kind, qwen.text.attention_bias, qwen.text.tie_word_embeddings) == ("qwen2", True, True)
     assert qwen.text.rope_theta == 1e6 and qwen.vision_feature_select == "full"
-    assert qwen.projector.kind == "mvp"
+    assert qwen.projector.kind == "mvp" and qwen.vision_feature_layer == -1
+    if siglip:
+        assert (qwen.vision.kind, qwen.vision.num_prefix_tokens, qwen.vision.use_head) == ("siglip", 0, False)
+        assert qwen.vision.preprocessing().mode == "resize" and qwen.vision.hidden_act == "gelu_pytorch_tanh"
+    assert llama.vision.kind == "clip" and llama.vision.hidden_act == "quick_gelu"
     sizes = {(c.text.hidden_size, c.text.num_layers, c.vision.hidden_size) for c in (llama, mistral, qwen)}
     assert sizes == {(128, 4, 64)}  # the families differ in kind, not in size
 
@@ -181,7 +190,7 @@ def test_reduced_foundations_through_the_cli(tmp_path):
     assert "±" in table and "Relative improvement over `base`" in table and table in stdout
     assert f"**average over {len(combos)}**" in table and "synthetic" in table
     runs = {(r["foundation"], r["variant"], r["seed"]): r for r in saved["runs"]}
-    assert runs["clip_mistral", "mvp_emoprompt", 0]["template"] == "llama2"
+    assert runs["clip_mistral", "mvp_emoprompt", 0]["template"] == DECODERS.get("mistral").chat_template
     assert runs["clip_mistral", "mvp_emoprompt", 0]["m"] == 1 and runs["clip_llama", "base", 1]["m"] == 0
     # each run's tokenizer knows its decoder's template: [INST] and <<SYS>> are words, not <unk>
     from data_pipeline.text import UNK, load_tokenizer
