@@ -65,8 +65,8 @@ LLAMA = dict(kind="llama", **_DECODER, rope_theta=10000.0, rms_norm_eps=1e-5, at
              tie_word_embeddings=False)  # Vicuna-7B-v1.5 / LLaVA-1.5
 QWEN2 = dict(kind="qwen2", **_DECODER, rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=True,
              tie_word_embeddings=True)  # Qwen2-0.5B / llava-interleave-qwen-0.5b: q/k/v biases, tied head
-# Mistral-7B-v0.1 attends over a 4096-token window of a 32k context; here 64 tokens of sequences up to 192,
-# so the window binds (the answer sees the image through the layers, not directly).
+# Mistral-7B-v0.1 attends over a 4096-token window of a 32k context; here 64 tokens, shorter than most
+# prompts, so the window binds (the answer sees the image through the layers, not directly).
 MISTRAL = dict(kind="mistral", **_DECODER, rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=False,
                tie_word_embeddings=False, sliding_window=64)
 
@@ -99,7 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     quick = arg.endswith("quick")
     if arg.startswith("foundations"):
         c.data.template = ""  # each decoder's own chat template
-        # M = 1 exemplar makes prompts of up to 185 tokens (Mistral's [INST] template with its system text).
+        # With M = 1 exemplar, mini-EmoBench prompts stay under 192 tokens with the vicuna_v1, llama2,
+        # mistral_instruct and chatml templates (at most 185: llama2's [INST] with its system text).
         c.data.max_len = 192
         c.data.seq_buckets = (128, 160, 192)
         c.stages.emotional.steps = 300
