@@ -131,8 +131,8 @@ def _signed(x: float | None, scale: float = 100.0, unit: str = "") -> str:
 
 def _relative_row(label: str, r: Mapping[str, Any], bold: bool = False) -> str:
     rel = _signed(r["relative"], unit="%")
-    if r.get("relative_over", r.get("combinations")) != r.get("combinations"):  # a baseline scored 0
-        rel += f" (over {r['relative_over']})"
+    if r["relative"] is not None and r.get("relative_over", r.get("combinations")) != r.get("combinations"):
+        rel += f" (over {r['relative_over']})"  # the others' baseline scored 0
     return (f"| {label} | {r['variant']} | {100 * r['baseline']:.1f} | {100 * r['value']:.1f} | "
             f"{_signed(r['points'])} | {f'**{rel}**' if bold else rel} |")
 
