@@ -282,11 +282,26 @@ class MVPProjector(nnx.Module):
         ys = self.perspectives(features)
         if self.cfg.fusion == "concat":
             return jnp.concatenate([ys[p] for p in self.cfg.perspectives], axis=1)
-        num_patches = features.patches.shape[1]
-        stacked = jnp.stack([jnp.broadcast_to(y, (y.shape[0], num_patches, y.shape[2])) for y in ys.values()])
+        stacked = _stack(ys, features.patches.shape[1])
         if self.cfg.fusion == "sum":
             return stacked.sum(0)
+        gates = self._gates(stacked)
+        return jnp.einsum("knp,knpd->npd", gates.astype(stacked.dtype), stacked)
+
+    def gates(self, features: VisualFeatures) -> jax.Array:
+        """`gated_sum`'s weights float32[K, N, P]: perspective k's factor at each visual token, in the order
+        of `perspectives` (they sum to K over k; all 1 at initialisation)."""
+        if self.cfg.fusion != "gated_sum":
+            raise ValueError(f"fusion={self.cfg.fusion!r} has no gates (only 'gated_sum')")
+        return self._gates(_stack(self.perspectives(features), features.patches.shape[1]))
+
+    def _gates(self, stacked: jax.Array) -> jax.Array:
+        """float[K, N, P, D] -> float32[K, N, P], K softmax_k(<w_k, Y_k(t)> + b_k)."""
         logits = jnp.einsum("knpd,kd->knp", stacked, self.gate_w[...].astype(stacked.dtype))
         logits = logits.astype(jnp.float32) + self.gate_b[...].astype(jnp.float32)[:, None, None]
-        gates = len(ys) * jax.nn.softmax(logits, axis=0)  # [K, N, P]
-        return jnp.einsum("knp,knpd->npd", gates.astype(stacked.dtype), stacked)
+        return stacked.shape[0] * jax.nn.softmax(logits, axis=0)
+
+
+def _stack(ys: dict[str, jax.Array], num_patches: int) -> jax.Array:
+    """Perspective outputs (float[N, P, D], or float[N, 1, D] for "global") -> float[K, N, P, D]."""
+    return jnp.stack([jnp.broadcast_to(y, (y.shape[0], num_patches, y.shape[2])) for y in ys.values()])
