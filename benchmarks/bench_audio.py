@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from results import Results, add_json_argument
+
 ENCODER = dict(num_mel_bins=80, d_model=512, encoder_layers=6, encoder_attention_heads=8,
                encoder_ffn_dim=2048, max_source_positions=1500)
 BATCH = 2
@@ -111,7 +113,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    add_json_argument(p)
     p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,19 +133,22 @@ def main() -> None:
                     results[side][m].append(times[m])
                 shown = "  ".join(f"{m} {times[m] * 1e3:8.1f} ms" for m in MEASURES)
                 print(f"round {r}: {side:4s} {shown}", flush=True)
-    medians = {side: {m: statistics.median(v) * 1e3 for m, v in per.items()} for side, per in results.items()}
-    ratios = {m: medians["peer"][m] / medians["ours"][m] for m in MEASURES}
-    print(f"encoder config: {ENCODER}, batch {BATCH} windows, fp32")
+    res = Results(__file__, {"encoder": ENCODER, "batch": BATCH, "clip_s": CLIP_S, "long_s": LONG_S,
+                             "rounds": args.rounds, "reps": args.reps})
     names = {"frontend_30s": "log-mel, one 30 s clip", "frontend_8x30s": "log-mel, 4 min clip as 8 windows",
              "encoder": f"Whisper encoder forward, B={BATCH}"}
+    peers = {"frontend_30s": "transformers WhisperFeatureExtractor (torch.stft path)",
+             "frontend_8x30s": "transformers WhisperFeatureExtractor on the 8 chunks as one batch",
+             "encoder": "transformers WhisperEncoder (PyTorch, CPU)"}
+    print(f"encoder config: {ENCODER}, batch {BATCH} windows, fp32")
     for m in MEASURES:
-        print(f"{names[m]:34s}: ours {medians['ours'][m]:8.1f} ms   peer {medians['peer'][m]:8.1f} ms   "
-              f"ratio peer/ours {ratios[m]:5.2f}")
+        ours, peer = (res.figure(f"{side}.{m}_ms", statistics.median(results[side][m]) * 1e3, "ms", names[m])
+                      for side in ("ours", "peer"))
+        ratio = res.ratio(m, f"ours.{m}_ms", f"peer.{m}_ms", peers[m])
+        print(f"{names[m]:34s}: ours {ours:8.1f} ms   peer {peer:8.1f} ms   ratio peer/ours {ratio:5.2f}")
     print("peers: transformers' WhisperFeatureExtractor (its torch.stft path) and WhisperEncoder (CPU)")
     if args.json:
-        report = {"encoder_config": ENCODER, "batch": BATCH, "rounds": args.rounds, "reps": args.reps,
-                  "per_round_s": results, "median_ms": medians, "ratio_peer_over_ours": ratios}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        res.write(args.json, args)
 
 
 if __name__ == "__main__":

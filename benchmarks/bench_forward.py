@@ -1,6 +1,6 @@
 """Forward-pass time of our LLaMA (jax.jit, after warm-up) vs HF PyTorch on the same weights.
 
-    python benchmarks/bench_forward.py [--rounds 3] [--reps 5]
+    python benchmarks/bench_forward.py [--rounds 3] [--reps 5] [--json OUT]
 
 Config: hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 32000, batch 4, seq 256, fp32. Each side runs
 in its own subprocess (JAX and torch in one process slow each other's thread pools), alternating
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import Results, add_json_argument
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
@@ -76,6 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
+    add_json_argument(p)
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -92,11 +95,19 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                 results[side].append(json.loads(out.splitlines()[-1])["median_s"])
                 print(f"round {r}: {side:5s} {results[side][-1] * 1e3:8.1f} ms", flush=True)
-    ours, theirs = (statistics.median(results[s]) * 1e3 for s in ("jax", "torch"))
+    res = Results(__file__, {**CONFIG, "batch": BATCH, "seq_len": SEQ, "rounds": args.rounds,
+                             "reps": args.reps})
+    ours, theirs = (res.figure(f"{s}.forward_ms", statistics.median(results[s]) * 1e3, "ms",
+                               "median over rounds of each process's median forward")
+                    for s in ("jax", "torch"))
+    ratio = res.ratio("forward_vs_torch", "jax.forward_ms", "torch.forward_ms",
+                      "HF LlamaForCausalLM (PyTorch, CPU)")
     print(f"config: B={BATCH} T={SEQ} {CONFIG}")
     print(f"ours (jax.jit)   : {ours:8.1f} ms/forward")
     print(f"HF PyTorch (CPU) : {theirs:8.1f} ms/forward")
-    print(f"ratio torch/ours : {theirs / ours:8.2f}")
+    print(f"ratio torch/ours : {ratio:8.2f}")
+    if args.json:
+        res.write(args.json, args)
 
 
 if __name__ == "__main__":

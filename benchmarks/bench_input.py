@@ -1,7 +1,8 @@
 """Input pipeline throughput: our Grain pipeline vs a torch DataLoader doing the same work, and vs what the
 default job's train step consumes, in one run.
 
-    python benchmarks/bench_input.py [--records 96] [--batch 8] [--image-size 336] [--workers 0 1 2]
+    python benchmarks/bench_input.py [--records 96] [--batch 8] [--image-size 336] [--workers 0 1 2] \
+        [--json OUT]
 
 1. Both sides decode mini-EmoBench PNGs, resize to `--image-size` (LLaVA "pad" mode), CLIP-normalise, apply
    the vicuna_v1 template with 576 visual tokens per image and tokenize with the tiny tokenizer, then pad and
@@ -31,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # grain 0.2.18 workers need parsed absl flags (google/grain#1355)
+
+from results import Results, add_json_argument  # noqa: E402
 
 from data_pipeline import media, pipeline, text  # noqa: E402
 
@@ -164,6 +167,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="alternating repetitions per configuration")
     parser.add_argument("--job-steps", type=int, default=20, help="timed default-job train steps")
+    add_json_argument(parser)
     parser.add_argument("--default-job-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.default_job_worker:
@@ -200,21 +204,37 @@ def main() -> None:
                         yield from loader
 
                 rates.setdefault(("torch", w), []).append(measure(forever(), args.batches, args.batch))
+        res = Results(__file__, {k: getattr(args, k) for k in ("records", "batch", "batches", "image_size",
+                                                               "workers", "rounds", "job_steps")})
         print(f"{'workers':>7} {'grain samples/s':>16} {'torch samples/s':>16} {'ratio':>7}   (medians of "
               f"{args.rounds})")
         for w in args.workers:
-            ours, theirs = (float(np.median(rates[(side, w)])) for side in ("grain", "torch"))
-            print(f"{w:>7} {ours:>16.1f} {theirs:>16.1f} {ours / theirs:>7.2f}")
+            ours, theirs = (res.figure(f"{side}.w{w}.samples_per_s", float(np.median(rates[(side, w)])),
+                                       "samples/s") for side in ("grain", "torch"))
+            ratio = res.ratio(f"pipeline.w{w}", f"grain.w{w}.samples_per_s", f"torch.w{w}.samples_per_s",
+                              "torch DataLoader with the same per-record work")
+            print(f"{w:>7} {ours:>16.1f} {theirs:>16.1f} {ratio:>7.2f}")
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     out = subprocess.run([sys.executable, __file__, "--default-job-worker", "--batches", str(args.batches),
-                          "--job-steps", str(args.job_steps)], env=env, check=True, capture_output=True,
+                          "--job-steps", str(args.job_steps)], env=_env(), check=True, capture_output=True,
                          text=True)
     job = json.loads(out.stdout.strip().splitlines()[-1])
+    res.figure("default_job.pipeline_samples_per_s", job["pipeline"], "samples/s",
+               f"the default job's stage-2 pipeline, batch {job['batch']}, in process")
+    res.figure("default_job.step_samples_per_s", job["step"], "samples/s", "what its train step consumes")
+    ratio = res.ratio("default_job", "default_job.pipeline_samples_per_s", "default_job.step_samples_per_s",
+                      "the default job's train step (samples it consumes per second)")
     print(f"default job (tiny, stage 2, batch {job['batch']}, in-process pipeline): pipeline "
           f"{job['pipeline']:.0f} samples/s, train step consumes {job['step']:.0f} samples/s -> "
-          f"{job['pipeline'] / job['step']:.1f}x; load average {os.getloadavg()[0]:.1f}")
+          f"{ratio:.1f}x; load average {os.getloadavg()[0]:.1f}")
+    if args.json:
+        res.write(args.json, args, _env())
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return env
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from results import Results, add_json_argument
+
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V = 4, 256, 4096
 LM = dict(vocab_size=V, hidden_size=256, intermediate_size=688, num_layers=32, num_heads=4, num_kv_heads=4)
@@ -77,12 +79,16 @@ def worker(variant: str, steps: int, remat: bool) -> dict:
     return {"compile_s": compile_s, "trace_s": trace_s, "step_s": statistics.median(times), "loss": first}
 
 
-def _run(variant: str, steps: int, remat: bool) -> dict:
+def _env() -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run(variant: str, steps: int, remat: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(steps)]
     cmd += ["--remat"] if remat else []
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=_env(), check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -92,7 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
     p.add_argument("--rounds", type=int, default=2, help="processes per variant")
     p.add_argument("--remat", action="store_true", help="rematerialise every layer (both variants)")
-    p.add_argument("--json", help="write the figures and ratios to this file")
+    add_json_argument(p)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.remat)))
@@ -104,31 +110,30 @@ def main() -> None:
         for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             loads.append(os.getloadavg()[0])
             runs[v].append(_run(v, args.steps, args.remat))
-    med = {v: {k: statistics.median(run[k] for run in rs) for k in ("compile_s", "trace_s", "step_s")}
-           for v, rs in runs.items()}
-    losses = {v: rs[0]["loss"] for v, rs in runs.items()}
-    result = {
-        "config": {**LM, "batch": B, "seq_len": T, "remat": args.remat, "rounds": args.rounds,
-                   "steps": args.steps},
-        "unrolled": med["unrolled"],
-        "scanned": med["scanned"],
-        "compile_speedup": med["unrolled"]["compile_s"] / med["scanned"]["compile_s"],
-        "step_time_ratio": med["scanned"]["step_s"] / med["unrolled"]["step_s"],
-        "first_loss": losses,
-        "load_avg": [min(loads), max(loads)],
-    }
+    res = Results(__file__, {**LM, "batch": B, "seq_len": T, "remat": args.remat, "rounds": args.rounds,
+                             "steps": args.steps})
+    for v, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("trace_s", "compile_s", "step_s")}
+        res.figure(f"{v}.trace_s", med["trace_s"], "s", "jit trace + lower")
+        res.figure(f"{v}.compile_s", med["compile_s"], "s", "trace + lower + compile")
+        res.figure(f"{v}.step_ms", 1e3 * med["step_s"], "ms", "train step after warm-up")
+        res.figure(f"{v}.first_loss", rs[0]["loss"], "nats", "loss of the first step (the variants agree)")
+    peer = "the unrolled layer stack (same model and step)"
+    compile_speedup = res.ratio("compile", "scanned.compile_s", "unrolled.compile_s", peer)
+    step_speedup = res.ratio("step", "scanned.step_ms", "unrolled.step_ms", peer)
     print(f"32-layer decoder (h256, B{B} x T{T}, fp32, AdamW{', remat' if args.remat else ''}); load average "
           f"{min(loads):.1f}-{max(loads):.1f}")
     print(f"{'variant':<10} {'trace s':>8} {'compile s':>10} {'step ms':>9}")
     for v in VARIANTS:
-        m = med[v]
-        print(f"{v:<10} {m['trace_s']:>8.2f} {m['compile_s']:>10.2f} {1000 * m['step_s']:>9.1f}")
-    print(f"compile: scanned is {result['compile_speedup']:.1f}x faster than unrolled; step time scanned / "
-          f"unrolled = {result['step_time_ratio']:.2f}")
+        f = {k: res.figures[f"{v}.{k}"]["value"] for k in ("trace_s", "compile_s", "step_ms")}
+        print(f"{v:<10} {f['trace_s']:>8.2f} {f['compile_s']:>10.2f} {f['step_ms']:>9.1f}")
+    print(f"compile: scanned is {compile_speedup:.1f}x faster than unrolled; step time unrolled / scanned = "
+          f"{step_speedup:.2f}")
+    losses = {v: rs[0]["loss"] for v, rs in runs.items()}
     if abs(losses["unrolled"] - losses["scanned"]) > 1e-4:
         raise SystemExit(f"the two variants disagree on the first loss: {losses}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        res.write(args.json, args, _env())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ includes torch.compile's compilation). The machine load (1-minute average) is pr
 MFU divides the model FLOPs of a step (6 x matmul params x tokens + attention, every position's logits counted
 although unsupervised chunks are skipped) by the fp32 2048^3 matmul peak measured by JAX in this run.
 
-    python benchmarks/bench_train.py --rounds 3 --steps 3
+    python benchmarks/bench_train.py --rounds 3 --steps 3 [--json OUT]
     python benchmarks/bench_train.py --variants torch_lm,jax_lm,jax_lm_bf16
 """
 
@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results import Results, add_json_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V, IMAGE_ID = 8, 256, 32000, 4
@@ -213,10 +215,14 @@ def worker_peak() -> dict:
     return {"peak": measure_matmul_flops(repeats=10)}
 
 
-def _run(variant: str, steps: int) -> dict:
+def _env() -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(steps)], env=env,
+    return env
+
+
+def _run(variant: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(steps)], env=_env(),
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -235,12 +241,48 @@ def _worker(variant: str, steps: int) -> dict:
     return worker_jax(variant.removeprefix("jax_"), steps)
 
 
+def _group(variant: str) -> str:
+    return "lm" if variant.endswith(("_lm", "_lm_bf16", "_lm_compile")) else "llava"
+
+
+def record(runs: dict[str, list[dict]], peak: float, config: dict) -> Results:
+    """Figures per variant (tokens/s, step, compile, MFU, loss) and each JAX variant's ratio against the
+    faster torch variant of the same model."""
+    res = Results(__file__, config)
+    res.figure("peak_gflops", peak / 1e9, "GFLOP/s", "best JAX fp32 2048^3 matmul, before and after the runs")
+    flops_of = {
+        "lm": next((runs[v][0]["flops"] for v in ("jax_lm", "jax_lm_bf16") if v in runs), None),
+        "llava": next((runs[v][0]["flops"] for v in ("jax_mlp2x_gelu", "jax_mvp") if v in runs), None),
+    }
+    for v, rs in runs.items():
+        step = statistics.median(x["step_s"] for x in rs)
+        res.figure(f"{v}.tokens_per_s", B * T / step, "tok/s")
+        res.figure(f"{v}.step_ms", step * 1e3, "ms", "median over processes of each process's median step")
+        res.figure(f"{v}.compile_s", statistics.median(x["compile_s"] for x in rs), "s",
+                   "JAX lower().compile(); torch: its first step (torch.compile compiles there)")
+        flops = rs[0].get("flops", flops_of[_group(v)])
+        if flops:
+            res.figure(f"{v}.mfu", flops / step / peak, "fraction", "model FLOPs / step time / fp32 peak")
+        if "loss" in rs[0]:
+            res.figure(f"{v}.loss", statistics.median(x["loss"] for x in rs), "nats")
+    peers = {"lm": ("torch_lm", "torch_lm_compile"), "llava": ("torch_llava", "torch_llava_compile")}
+    names = {"lm": "HF LlamaForCausalLM (sdpa), the faster of eager and torch.compile",
+             "llava": "HF LlavaForConditionalGeneration, the faster of eager and torch.compile"}
+    for v in runs:
+        measured = [t for t in peers[_group(v)] if t in runs]
+        if v.startswith("jax_") and measured:
+            best = max(measured, key=lambda t: res.figures[f"{t}.tokens_per_s"]["value"])
+            res.ratio(f"{v}_vs_torch", f"{v}.tokens_per_s", f"{best}.tokens_per_s", names[_group(v)])
+    return res
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", choices=(*VARIANTS, "peak"))
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
     p.add_argument("--rounds", type=int, default=3, help="processes per variant")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    add_json_argument(p)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps)))
@@ -258,29 +300,21 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             runs[v].append(_run(v, args.steps))
     peaks.append(_run("peak", 0)["peak"])
-    peak, source = max(peaks), "best JAX fp32 2048^3 matmul, before and after the runs"
-    med = {v: statistics.median(x["step_s"] for x in runs[v]) for v in variants}
-    torch_best = {
-        "lm": min((med[v] for v in ("torch_lm", "torch_lm_compile") if v in med), default=None),
-        "llava": min((med[v] for v in ("torch_llava", "torch_llava_compile") if v in med), default=None),
-    }
+    res = record(runs, max(peaks), {**LM, "batch": B, "seq_len": T, "loss_chunk": LOSS_CHUNK,
+                                    "rounds": args.rounds, "steps": args.steps})
     print(f"train step, batch {B} x {T} tokens, CPU, fp32 master weights, medians of {args.rounds} processes "
-          f"x {args.steps} steps; peak {peak / 1e9:.0f} GFLOP/s ({source}); load avg during the runs "
-          f"{min(loads):.1f}-{max(loads):.1f}")
-    flops_of = {
-        "lm": next((runs[v][0]["flops"] for v in ("jax_lm", "jax_lm_bf16") if v in runs), None),
-        "llava": next((runs[v][0]["flops"] for v in ("jax_mlp2x_gelu", "jax_mvp") if v in runs), None),
-    }
+          f"x {args.steps} steps; peak {max(peaks) / 1e9:.0f} GFLOP/s (best JAX fp32 2048^3 matmul, before "
+          f"and after the runs); load avg during the runs {min(loads):.1f}-{max(loads):.1f}")
     for v in variants:
-        group = "lm" if v.endswith(("_lm", "_lm_bf16", "_lm_compile")) else "llava"
-        s = med[v]
-        f = runs[v][0].get("flops", flops_of[group])
-        c = statistics.median(x["compile_s"] for x in runs[v])
-        mfu = f"MFU {f / s / peak:5.1%}" if f else "MFU    - "
-        ratio = f"x{torch_best[group] / s:.2f} vs best torch" if torch_best[group] else ""
-        loss = f"  loss {statistics.median(x['loss'] for x in runs[v]):.4f}" if "loss" in runs[v][0] else ""
-        print(f"{v:17s} {B * T / s:7.0f} tok/s  step {s * 1e3:7.1f} ms  {mfu}  {ratio:20s} "
-              f"compile/first step {c:5.1f} s{loss}")
+        fig = lambda name, v=v: res.figures.get(f"{v}.{name}", {}).get("value")
+        mfu = f"MFU {fig('mfu'):5.1%}" if fig("mfu") is not None else "MFU    - "
+        vs = res.ratios.get(f"{v}_vs_torch")
+        ratio = f"x{vs['value']:.2f} vs best torch" if vs else ""
+        loss = f"  loss {fig('loss'):.4f}" if fig("loss") is not None else ""
+        print(f"{v:17s} {fig('tokens_per_s'):7.0f} tok/s  step {fig('step_ms'):7.1f} ms  {mfu}  {ratio:20s} "
+              f"compile/first step {fig('compile_s'):5.1f} s{loss}")
+    if args.json:
+        res.write(args.json, args, _env())
 
 
 if __name__ == "__main__":
