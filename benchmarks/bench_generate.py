@@ -280,9 +280,13 @@ def main() -> int:
               f"{os.getloadavg()[0]:.1f}", flush=True)
         for batch in batches:
             runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-            for _ in range(args.rounds):
+            for r in range(args.rounds):
                 for side in SIDES:
-                    runs[side].append(spawn(side, model_dir, args, batch))
+                    run = spawn(side, model_dir, args, batch)
+                    runs[side].append(run)
+                    rate = batch * NEW / statistics.median(run["times_s"])
+                    step = f", decode step {run['step_s'] * 1e3:.2f} ms" if "step_s" in run else ""
+                    print(f"batch {batch} round {r}: {side:8s} {rate:8.1f} tok/s{step}", flush=True)
             check_tokens(batch, runs)
             record(res, batch, runs)
     report(res, batches)

@@ -84,6 +84,7 @@ class Results:
     def as_dict(self, args: argparse.Namespace | Mapping[str, Any] | None = None,
                 machine_facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        args = {k: v for k, v in args.items() if v is not None}  # not given (a worker's hidden options)
         return {
             "schema": SCHEMA,
             "script": self.script,
