@@ -10,14 +10,16 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax import init_config, lora
 from emollm_jax.configuration import ConfigError, Section
 from emollm_jax.lora import LoRAConfig
@@ -96,7 +98,7 @@ def _record_texts(root: str, split: str, template: str = "vicuna_v1", *, sources
     from data_pipeline.text import get_template, tiny_token_count
     from emollm_jax import emoprompt
 
-    sources = tuple(sources) or (SourceSpec(str(Path(root) / f"{split}.jsonl")),)
+    sources = tuple(sources) or (SourceSpec(storage.join(root, f"{split}.jsonl")),)
     spec = pipeline.PipelineSpec(sources=sources, tokenizer="", data_root=root or None)
     rejected = ErrorBudget(1 << 62)
     texts, records, too_long = [], [], []
@@ -142,7 +144,7 @@ def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
     for name, value, kind in checks:
         if not value:
             continue
-        path = Path(value).expanduser()
+        path = storage.path(value if storage.is_remote(value) else os.path.expanduser(value))
         if kind == "dir" and not path.is_dir():
             what = "not a directory" if path.exists() else "no such directory"
             raise ConfigError(f"{name}={value}: {what}")
@@ -153,7 +155,7 @@ def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> str:
     """The run's tokenizer: `config.data.tokenizer`, else the pretrained decoder's (`init.llm` / `init.hf`),
     else the tiny one trained into `<workdir>/tokenizer`."""
-    return config.data.tokenizer or config.init.llm or config.init.hf or str(Path(workdir) / "tokenizer")
+    return config.data.tokenizer or config.init.llm or config.init.hf or storage.join(workdir, "tokenizer")
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataSetup:
@@ -163,7 +165,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     same files. The configured paths it reads are checked first, by key (`check_paths`)."""
     from emollm_jax.data import has_sources, split_sources, template_name
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     train_split = config.data.train_split
     named = bool(config.data.root) or has_sources(config, train_split)
     root = config.data.root or ("" if named else str(workdir / "data"))
@@ -173,7 +175,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     tok_path = tokenizer_path(config, workdir)
     must_generate = not named and not (workdir / "data" / "card.json").exists()
     must_tokenize = not (config.data.tokenizer or config.init.llm or config.init.hf) and not (
-        Path(tok_path) / "tokenizer.json").exists()
+        storage.path(tok_path) / "tokenizer.json").exists()
     check_paths(config, keys=(tok_key,) + (("data.root",) if must_tokenize else ()))  # what is read here
     if jax.process_index() == 0:
         if must_generate:
@@ -208,8 +210,15 @@ def _generate_mini(config: ml_collections.ConfigDict, root: str) -> None:
         return {task: (n_train or train, n_test or test) for task, (train, test) in default.items()}
 
     sound = sized(mini_emobench.SOUND_SIZES) if audio_parts(config.model)[0] is not None else None
-    mini_emobench.generate(root, seed=int(config.seed), sizes=sized(mini_emobench.DEFAULT_SIZES),
+    local = tempfile.mkdtemp(prefix="emollm_jax-data-") if storage.is_remote(root) else root
+    mini_emobench.generate(local, seed=int(config.seed), sizes=sized(mini_emobench.DEFAULT_SIZES),
                            sound_sizes=sound, video_files=bool(config.data.mini_video_files))
+    if local != root:  # generated here, then uploaded; card.json (what says the data is complete) last
+        try:
+            for child in sorted(os.listdir(local), key=lambda name: name == "card.json"):
+                storage.copy_tree(os.path.join(local, child), storage.join(root, child))
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def load_tokenizer(setup: DataSetup):
@@ -234,7 +243,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> tuple[EmoLL
     and the params of checkpoint `step` (default: the latest), adapters included."""
     from emollm_jax.checkpoint import restore_params
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     try:
         config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     except FileNotFoundError:
