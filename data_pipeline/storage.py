@@ -184,16 +184,17 @@ def as_readable(src: Any) -> Any:
     return src
 
 
-def copy_tree(src: PathLike, dst: PathLike) -> None:
+def copy_tree(src: PathLike, dst: PathLike, *, last: str | None = None) -> None:
     """Copies the files under `src` to `dst` (either may be a URL), directories by listing: no rename, no
-    walk that could hand back another scheme's paths."""
+    walk that could hand back another scheme's paths. `last`: the name of a child of `src` copied after all
+    the others (a file that says the rest is complete)."""
     src, dst = path(src), path(dst)
     if not src.is_dir():
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
         return
     dst.mkdir(parents=True, exist_ok=True)
-    for child in src.iterdir():
+    for child in sorted(src.iterdir(), key=lambda p: p.name == last):
         copy_tree(child, dst / child.name)
 
 

@@ -10,8 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -210,15 +208,8 @@ def _generate_mini(config: ml_collections.ConfigDict, root: str) -> None:
         return {task: (n_train or train, n_test or test) for task, (train, test) in default.items()}
 
     sound = sized(mini_emobench.SOUND_SIZES) if audio_parts(config.model)[0] is not None else None
-    local = tempfile.mkdtemp(prefix="emollm_jax-data-") if storage.is_remote(root) else root
-    mini_emobench.generate(local, seed=int(config.seed), sizes=sized(mini_emobench.DEFAULT_SIZES),
+    mini_emobench.generate(root, seed=int(config.seed), sizes=sized(mini_emobench.DEFAULT_SIZES),
                            sound_sizes=sound, video_files=bool(config.data.mini_video_files))
-    if local != root:  # generated here, then uploaded; card.json (what says the data is complete) last
-        try:
-            for child in sorted(os.listdir(local), key=lambda name: name == "card.json"):
-                storage.copy_tree(os.path.join(local, child), storage.join(root, child))
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
 
 
 def load_tokenizer(setup: DataSetup):
