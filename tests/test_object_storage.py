@@ -269,6 +269,7 @@ def test_train_resume_and_eval_with_workdir_data_and_weights_on_the_store(tmp_pa
     assert results["checkpoint"].startswith("emotest://bucket/run/checkpoints")
     for name in ("report.md", "predictions.jsonl", "confusion_emo_c.png"):
         assert (run / "eval" / name).is_file(), name
+    assert "EmoBench mean accuracy" in (run / "run.log").read_text()  # the log's last lines were uploaded
 
     # Another workdir evaluating the same weights from the store: data root, tokenizer and weights by URL.
     _main(store, cwd, tmpdir, "emotest://bucket/eval", "--mode=eval",
