@@ -30,7 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import audio, media, mixture, text
+from data_pipeline import audio, media, mixture, storage, text
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
 from data_pipeline.records import TASKS, ErrorBudget, RecordError, media_layout
 from data_pipeline.sources import SourceSpec, open_source
@@ -351,7 +351,7 @@ def _open(spec: PipelineSpec, source: SourceSpec) -> Any:
     the file's directory."""
     root = source.root if source.root is not None else spec.data_root
     if root is None and source.path.endswith((".json", ".jsonl")):
-        root = os.path.dirname(os.path.abspath(source.path))
+        root = os.path.dirname(storage.absolute(source.path))
     return open_source(source.path, validate=spec.validate, data_root=root, num_frames=spec.num_frames,
                        check_media=spec.check_media, data_dir=spec.data_root, default_task=source.task,
                        max_image_pixels=spec.max_image_pixels, split=source.split)

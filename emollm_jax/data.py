@@ -14,12 +14,11 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from data_pipeline import pipeline
+from data_pipeline import pipeline, storage
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
 from data_pipeline.records import TASKS
 from data_pipeline.sources import VALIDATION_MODES, SourceSpec
@@ -125,7 +124,7 @@ def split_sources(config: ml_collections.ConfigDict, split: str,
     """(sources, weights or None) of `split`: `config.data.sources.<split>`, else `<root>/<split>.jsonl`."""
     entries = tuple(config.data.sources.get(split, ()) or ())
     if not entries:
-        path = Path(root) / f"{split}.jsonl"
+        path = storage.path(root) / f"{split}.jsonl"
         if not root or not path.is_file():
             raise FileNotFoundError(f"{path}: no {split!r} record file (config.data.root={root!r}); or name "
                                     f"the split's records with config.data.sources.{split}")

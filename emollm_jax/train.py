@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax import experiment, flops, lora, sharding
 from emollm_jax.configuration import Section
 from emollm_jax.data import stage_stream
@@ -385,7 +386,7 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
     """Mesh, data, tokenizer, model config, checkpointer and device peak of a run (no hooks yet)."""
     from emollm_jax.checkpoint import Checkpointer
 
-    workdir_p = Path(workdir)
+    workdir_p = storage.path(workdir)
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     setup = experiment.prepare_data(config, workdir)
     tokenizer = experiment.load_tokenizer(setup)
@@ -431,7 +432,7 @@ def _run_stages(ctx: RunContext) -> TrainResult:
         try:
             return _run_stages_from(ctx, ctx.ckpt.latest_step())
         except CheckpointDamaged as e:
-            if e.step is None or not Path(e.where).is_relative_to(ctx.ckpt.directory / str(e.step)):
+            if e.step is None or not storage.path(e.where).is_relative_to(ctx.ckpt.directory / str(e.step)):
                 raise  # initial weights from elsewhere (config.init.*): not this run's to move
             ctx.ckpt.set_aside(e.step, "damaged", str(e))
 
