@@ -176,6 +176,9 @@ def _fill_row(out: dict[str, np.ndarray], i: int, row: Sequence[dict[str, Any]])
             window += w
 
 
+PACKED_STATE = "packed_stream"  # the key of a packed iterator's state (the record stream's state)
+
+
 class PackedBatches(grain.IterDataset):
     """Packed training batches (`pack_rows`) of `rows` rows from a stream of encoded, valid records.
 
@@ -235,16 +238,20 @@ class PackedBatchIterator(grain.DatasetIterator):
         return pack_rows(rows, self._layout, self._pad_id)
 
     def get_state(self) -> dict[str, Any]:
-        """The record stream's state (and the error count) just before the record carried over, if any."""
+        """The record stream's state just before the record carried over, if any (`errors_state`: the error
+        count at that point)."""
         state = self._carry[1] if self._carry is not None else self._snapshot()
-        return {"parent": state["parent"]}
+        return {PACKED_STATE: state["parent"]}
 
     def errors_state(self) -> dict[str, Any] | None:
         """The error budget's count at the point `get_state` describes."""
         return (self._carry[1] if self._carry is not None else self._snapshot())["errors"]
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
+        if PACKED_STATE not in state:
+            raise ValueError("the data state was saved by an unpacked stream, and this one packs "
+                             "(config.data.packing changed since the checkpoint: use a new --workdir)")
+        self._parent.set_state(state[PACKED_STATE])
         self._carry = None
 
     def __str__(self) -> str:

@@ -463,6 +463,10 @@ class TrainStream:
         if "pipeline" not in state:  # an iterator state saved without the budget's count
             self._it.set_state(state)
             return
+        packed = isinstance(self._it, packing.PackedBatchIterator)
+        if packing.PACKED_STATE in state["pipeline"] and not packed:
+            raise ValueError("the data state was saved by a packed stream, and this one does not pack "
+                             "(config.data.packing changed since the checkpoint: use a new --workdir)")
         self._it.set_state(state["pipeline"])
         self.budget.set_state(state["errors"])
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from data_pipeline import packing, pipeline
 from data_pipeline.sources import SourceSpec
-from emollm_jax import data, experiment, train
+from emollm_jax import data, experiment, plan, sharding, train
 from emollm_jax.configuration import load_config
 from emollm_jax.models import attention
 
@@ -143,6 +143,13 @@ def test_packed_stream_resumes_exactly_through_json(tiny):
             assert got.keys() == want.keys()
             for k in want:
                 np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # a state from the other kind of stream is refused, naming the key that changed
+    unpacked = pipeline.make_train_iterator(dataclasses.replace(spec, packing=False), tokenizer=tok,
+                                            process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="config.data.packing changed"):
+        unpacked.set_state(state)
+    with pytest.raises(ValueError, match="config.data.packing changed"):
+        resumed.set_state(json.loads(json.dumps(unpacked.get_state())))
 
 
 def test_packed_stream_counts_skipped_records_at_its_resume_point(tiny, tmp_path):
@@ -170,6 +177,18 @@ def test_packed_stream_counts_skipped_records_at_its_resume_point(tiny, tmp_path
     assert resumed.budget.skipped == it.budget.skipped  # the replayed skips reach the same count
     for g, w in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g["input_ids"], w["input_ids"])
+
+
+def test_the_plan_compiles_the_packed_batch(tiny):
+    c, _, _, cfg = tiny
+    c = c.copy_and_resolve_references()
+    c.data.packing = True
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    batch = plan.abstract_batch(c, 8, mesh, cfg)
+    assert batch["segment_ids"].shape == batch["positions"].shape == (8, 160)
+    assert batch["pixel_values"].shape[:2] == batch["frame_media"].shape == (8, 10)
+    assert batch["audio_media"].shape == (8, 16)
+    assert set(batch) == set(train.BATCH_KEYS)
 
 
 # ----------------------------------------------------------------------------------------- packed = unpacked
