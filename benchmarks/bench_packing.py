@@ -202,7 +202,9 @@ def main() -> None:
                   **med, "ratios": ratios, "eval_prefill_fill": prefill,
                   "shapes": {v: rs[0]["shapes"] for v, rs in runs.items()},
                   "load_avg": [min(loads), max(loads)]}
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from emollm_jax.eval_report import atomic_write
+
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2) + "\n"))
 
 
 if __name__ == "__main__":
