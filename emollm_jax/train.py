@@ -72,7 +72,7 @@ class TrainConfig(Section):
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media",
-              "audio_features", "audio_media")
+              "audio_features", "audio_media", "segment_ids", "positions")  # the last two: packed rows only
 
 
 class StageData(Protocol):
@@ -183,10 +183,12 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS)."""
+    """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS; a packed batch
+    adds segment_ids and positions)."""
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
                    audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
+                   segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                    return_hidden=True)
     return token_cross_entropy(model.llm.logits, hidden, batch["targets"], batch["loss_mask"], chunk)
 
