@@ -9,10 +9,12 @@ figure with its unit, and each ratio against the peer the script names:
      "args": {...}, "time": "...", "machine": {...}, "config": {...},
      "figures": {"jax.b1.tokens_per_s": {"value": 131.0, "unit": "tok/s"}, ...},
      "ratios": {"decode_b1": {"value": 2.47, "ours": "jax.b1.tokens_per_s", "peer": "torch.b1.tokens_per_s",
-                              "peer_name": "HF generate", "meaning": "ours / peer (rates): > 1 ..."}}}
+                              "peer_name": "HF generate", "meaning": "ours / peer (rates): > 1 ..."}},
+     "details": {...}}
 
 A ratio is computed from two figures of the same unit so that > 1 always means ours is ahead: peer / ours
-for times, ours / peer for rates and bandwidths. The file is written atomically (temp file + rename).
+for times, ours / peer for rates and bandwidths. The file is written atomically (`data_pipeline.storage`: a
+temp file renamed into place, or one upload when OUT is an object-store URL).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from emollm_jax.eval_report import atomic_write  # noqa: E402
+from data_pipeline.storage import atomic_write  # noqa: E402
 
 SCHEMA = 1
 TIME_UNITS = ("s", "ms", "us")  # lower is better; every other unit (tok/s, samples/s, GB/s, ...) higher
@@ -57,6 +59,7 @@ class Results:
         self.config = dict(config or {})
         self.figures: dict[str, dict[str, Any]] = {}
         self.ratios: dict[str, dict[str, Any]] = {}
+        self.details: dict[str, Any] = {}  # other facts of the run worth keeping (shapes compiled, ...)
 
     def figure(self, name: str, value: float, unit: str, note: str | None = None) -> float:
         """Records one measured figure (its unit: s, ms, us, tok/s, samples/s, GB/s, fraction, ...)."""
@@ -95,6 +98,7 @@ class Results:
             "config": self.config,
             "figures": self.figures,
             "ratios": self.ratios,
+            "details": self.details,
         }
 
     def write(self, path: str | os.PathLike, args: argparse.Namespace | Mapping[str, Any] | None = None,

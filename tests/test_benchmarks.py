@@ -115,6 +115,8 @@ SMALLEST = {
     "bench_input.py": (["--records", "8", "--batch", "2", "--batches", "2", "--workers", "0", "--rounds", "1",
                         "--image-size", "64", "--job-steps", "1"], ["pipeline.w0", "default_job"]),
     "bench_audio.py": (["--rounds", "1", "--reps", "1"], ["frontend_30s", "frontend_8x30s", "encoder"]),
+    "bench_packing.py": (["--rounds", "1", "--steps", "1"],
+                         ["packed_vs_bucketed", "packed_vs_bucketed_fine", "eval_prefill_fill"]),
 }
 
 
