@@ -113,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.ablation = _ablation_block(
             variants=FOUNDATION_VARIANTS, foundations=foundations(), seeds=(0, 1) if quick else (0, 1, 2),
             baseline="base", title="EmoLLM across foundation models: base model vs MVP + EmoPrompt",
-            note="Stage 2 is shortened from the tiny job's 1600 steps to 300 to keep 18 runs short on a CPU; "
+            note="Stage 2 is shortened from the tiny job's 2400 steps to 300 to keep 18 runs short on a CPU; "
                  "the models are tiny, trained from random weights, and undertrained.")
     else:
         # M = 3 exemplars make prompts of up to 304 tokens.
