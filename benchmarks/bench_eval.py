@@ -109,7 +109,7 @@ def jax_worker(args: argparse.Namespace) -> dict:
 
     import emollm_jax  # noqa: F401
     from data_pipeline.text import load_tokenizer
-    from emollm_jax import evaluate
+    from emollm_jax import evaluate, model_dtype
     from emollm_jax.convert import load_hf
     from emollm_jax.generate import generate
 
@@ -147,7 +147,7 @@ def jax_worker(args: argparse.Namespace) -> dict:
         _, out["pipeline_s"] = _timed(batches, args.reps)
         _, out["prefill_s"] = _timed(lambda: [gen(b, 1) for b in made], args.reps)
         _, out["generate_s"] = _timed(lambda: [gen(b, args.new_tokens) for b in made], args.reps)
-    out.update(records=n, tokens=[t.tolist() for t in tokens], param_dtypes=evaluate.param_dtypes(model),
+    out.update(records=n, tokens=[t.tolist() for t in tokens], param_dtypes=model_dtype.param_dtypes(model),
                lengths=[int(b["input_ids"].shape[1]) for b in made])
     return out
 

@@ -333,7 +333,8 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
     """Greedy answers for every prompt of `batches` ((left-padded batch, metadata rows) pairs).
 
     A batch may hold padding rows beyond its metadata (fixed shapes avoid recompiles); they are ignored. Media
-    slots no row uses are cut first (`trim_media`).
+    slots no row uses are cut first (`trim_media`). Each batch's tokens are read back once the next batch is
+    dispatched, so the pipeline makes the next batch while the device generates.
     `generate_fn` defaults to `emollm_jax.generate.generate`; it returns the new tokens `int32[B, N]`. When
     the model spans several devices (`model_mesh`), `batches` (a `pipeline.EvalBatches`) holds this
     process's prompts, each round's global batch gathers every process's, and this process's answers come
@@ -348,15 +349,24 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
               else _aligned(batches, mesh, tokenizer.pad_id))
     metas: list[Mapping] = []
     answers: list[str] = []
+
+    def collect(out: Any, rows: Sequence[Mapping]) -> None:
+        for row, meta in zip(_host_tokens(out, mesh), rows, strict=False):
+            metas.append(meta)
+            answers.append(decode_answer(row, tokenizer, stop_ids))
+
+    pending = None  # the previous batch: its tokens are read after the next batch is dispatched
     for batch, rows in tqdm(rounds, total=total, desc=desc, unit="batch", disable=not progress):
         out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
                           audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
                           max_new_tokens=max_new_tokens, eos_id=tuple(int(t) for t in stop_ids),
                           pad_id=tokenizer.pad_id)
-        for row, meta in zip(_host_tokens(out, mesh), rows, strict=False):
-            metas.append(meta)
-            answers.append(decode_answer(row, tokenizer, stop_ids))
+        if pending is not None:
+            collect(*pending)
+        pending = out, rows
+    if pending is not None:
+        collect(*pending)
     return metas, answers
 
 
@@ -378,61 +388,10 @@ def eval_dtype(config: Any) -> str:
     return str(config.eval.get("dtype", "float32"))
 
 
-def with_dtype(model_cfg: Any, dtype: str) -> Any:
-    """`model_cfg` (an EmoLLMConfig) with every part's weights and compute in `dtype`: the towers' and the
-    decoder's `dtype` / `param_dtype` fields (the projectors follow the decoder's)."""
-    parts = {}
-    for field in dataclasses.fields(model_cfg):
-        part = getattr(model_cfg, field.name)
-        if isinstance(part, PartConfig) and {"dtype", "param_dtype"} <= set(part.field_names()):
-            parts[field.name] = dataclasses.replace(part, dtype=dtype, param_dtype=dtype)
-    return dataclasses.replace(model_cfg, **parts)
-
-
-def cast_model(model: Any, dtype: str, *, donate: bool = False) -> Any:
-    """`model` with its floating parameters stored in `dtype` and its modules computing in it (bf16 Linears
-    take `models.dots`' bf16 products with float32 accumulation; the KV cache follows the decoder's
-    dtype). The same model when it already is. Shardings are kept. `donate` frees each old parameter as
-    soon as its cast exists, so a loaded model is never held twice."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from emollm_jax.train import abstract_model
-
-    cfg = with_dtype(model.config, dtype)
-    target = jnp.dtype(dtype)
-
-    def cast(x: Any) -> Any:
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == target:
-            return x
-        y = x.astype(target)
-        if donate and isinstance(x, jax.Array):
-            x.delete()
-        return y
-
-    params = nnx.state(model, nnx.Param)
-    if cfg == model.config and all(x.dtype == target or not jnp.issubdtype(x.dtype, jnp.floating)
-                                   for x in jax.tree.leaves(params)):
-        return model
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    graphdef, _, _ = abstract_model(cfg)  # the modules' dtypes are static: a graph built for `dtype`
-    return nnx.merge(graphdef, jax.tree.map(cast, params), rest)
-
-
-def param_dtypes(model: Any) -> dict[str, int]:
-    """Parameter count per dtype of `model`'s weights, e.g. {"bfloat16": 1234567}."""
-    import jax
-    from flax import nnx
-
-    counts: dict[str, int] = {}
-    for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        counts[str(x.dtype)] = counts.get(str(x.dtype), 0) + int(x.size)
-    return dict(sorted(counts.items()))
-
-
 def eval_model(config: Any, model: Any, *, donate: bool = False) -> Any:
     """The model eval and predict run: `model` cast to `config.eval.dtype` (`cast_model`), logged."""
+    from emollm_jax.model_dtype import cast_model, param_dtypes
+
     model = cast_model(model, eval_dtype(config), donate=donate)
     log.info("eval weights and compute in %s (parameters per dtype: %s)", eval_dtype(config),
              param_dtypes(model))
@@ -563,7 +522,7 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
     """
     import jax
 
-    from emollm_jax import data, emoprompt, experiment
+    from emollm_jax import data, emoprompt, experiment, model_dtype
 
     setup = experiment.prepare_data(config, workdir)
     tokenizer = tokenizer or experiment.load_tokenizer(setup)
@@ -597,7 +556,7 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
     results = assemble_results(per_split, splits[0], control if control != splits[0] else None,
                                checkpoint=checkpoint,
                                audio_control_split=silent if silent != splits[0] else None)
-    results.update(dtype=eval_dtype(config), param_dtypes=param_dtypes(model))
+    results.update(dtype=eval_dtype(config), param_dtypes=model_dtype.param_dtypes(model))
     if jax.process_index() == 0:
         write_outputs(Path(out_dir) if out_dir else Path(workdir) / "eval", results, predictions)
     return results

@@ -1,7 +1,7 @@
 """`config.eval.dtype`: evaluation and prediction hold their weights and compute in the configured dtype.
 
-The key is checked beside its field (a bad value is one line naming it); `evaluate.cast_model` gives real bf16
-parameters whose Linears run bf16 products; and through `python -m emollm_jax.main` the evaluation after
+The key is checked beside its field (a bad value is one line naming it); `model_dtype.cast_model` gives real
+bf16 parameters whose Linears run bf16 products; and through `python -m emollm_jax.main` the evaluation after
 training, `--mode=eval` and `--mode=predict` evaluate bf16 weights, which results.json and the log record.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emollm_jax import evaluate, run_config
+from emollm_jax import model_dtype, run_config
 from emollm_jax.configuration import ConfigError, load_config
 from tests import cli_setup
 from tests.cli_setup import CONFIG, FAST
@@ -45,10 +45,10 @@ def _linears(model):
 
 def test_cast_model_holds_bf16_weights_and_runs_bf16_products(tiny):
     config, tok, model = tiny
-    half = evaluate.cast_model(model, "bfloat16")
+    half = model_dtype.cast_model(model, "bfloat16")
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert evaluate.param_dtypes(half) == {"bfloat16": total}
-    assert evaluate.param_dtypes(model) == {"float32": total}  # the model given is left as it was
+    assert model_dtype.param_dtypes(half) == {"bfloat16": total}
+    assert model_dtype.param_dtypes(model) == {"float32": total}  # the model given is left as it was
     assert half.config.text.dtype == half.config.vision.dtype == "bfloat16"
     assert all(m.dtype == jnp.bfloat16 and m.kernel.dtype == jnp.bfloat16 for m in _linears(half))
 
@@ -66,9 +66,9 @@ def test_cast_model_holds_bf16_weights_and_runs_bf16_products(tiny):
     assert float(jnp.abs(full - low.astype(jnp.float32)).max()) < 0.05 * scale  # bf16 rounding, no more
     assert not np.array_equal(np.asarray(full), np.asarray(low, np.float32))  # and it did round
 
-    assert evaluate.cast_model(half, "bfloat16") is half  # nothing to do
-    back = evaluate.cast_model(half, "float32")
-    assert evaluate.param_dtypes(back) == {"float32": total} and back.config.text.dtype == "float32"
+    assert model_dtype.cast_model(half, "bfloat16") is half  # nothing to do
+    back = model_dtype.cast_model(half, "float32")
+    assert model_dtype.param_dtypes(back) == {"float32": total} and back.config.text.dtype == "float32"
 
 
 def _eqns(jaxpr):
@@ -90,7 +90,7 @@ def test_cast_keeps_shardings_and_donation_frees_the_old_weights(tiny):
     params = jax.device_put(params, sharding.logical_shardings(params, mesh, config.sharding_rules))
     laid_out = nnx.merge(graphdef, params, rest)
     old = jax.tree.leaves(nnx.state(laid_out, nnx.Param))
-    half = evaluate.cast_model(laid_out, "bfloat16", donate=True)
+    half = model_dtype.cast_model(laid_out, "bfloat16", donate=True)
     new = jax.tree.leaves(nnx.state(half, nnx.Param))
     assert [x.sharding for x in new] == [x.sharding for x in old]
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in new)
