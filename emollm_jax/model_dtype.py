@@ -37,13 +37,16 @@ def cast_model(model: Any, dtype: str, *, donate: bool = False) -> Any:
     cfg = with_dtype(model.config, dtype)
     target = jnp.dtype(dtype)
 
+    done: dict[int, jax.Array] = {}  # an array the tree holds twice is cast (and freed) once
+
     def cast(x: jax.Array) -> jax.Array:
         if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == target:
             return x
-        y = x.astype(target)
-        if donate and isinstance(x, jax.Array):
-            x.delete()
-        return y
+        if id(x) not in done:
+            done[id(x)] = x.astype(target)
+            if donate and isinstance(x, jax.Array):
+                x.delete()
+        return done[id(x)]
 
     params = nnx.state(model, nnx.Param)
     if cfg == model.config and all(x.dtype == target or not jnp.issubdtype(x.dtype, jnp.floating)
