@@ -17,7 +17,7 @@ in `W/<combination>/<variant>/seed<k>` (all sharing W/data and one EmoPrompt ban
 there that names another `kind` than the config's (e.g. `model.text.kind = "qwen2"`) is that registered
 part's defaults plus the given fields, a block of the same kind changes only the given keys. `seeds` lists
 `config.seed` values; `baseline` names the variant the others are compared with. Everything else is
-configs/emobench.py's tiny variant.
+configs/emobench.py's tiny variant without its audio tower.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from emollm_jax.configuration import ConfigError, load_config
+from emollm_jax.models.emollm import NO_AUDIO
 
 ARGS = ("", "grid", "quick", "foundations", "foundations_quick")
 EXEMPLAR_COUNTS = (0, 1, 3)
@@ -96,6 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in ARGS:
         raise ConfigError(f"configs/ablation.py: unknown argument {arg!r}; expected one of {ARGS}")
     c = load_config(f"{Path(__file__).with_name('emobench.py')}:tiny")
+    # The ablations compare what sees (towers, projectors, prompts): the tiny job's audio tower and its voice
+    # records stay out, so every run reads the same image records.
+    c.model.audio.kind = NO_AUDIO
+    for stage in c.stage_order:
+        c.stages[stage].trainable = tuple(g for g in c.stages[stage].trainable if g != "audio")
     quick = arg.endswith("quick")
     if arg.startswith("foundations"):
         c.data.template = ""  # each decoder's own chat template

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.paths import FROM_VIDEO, resolve_media_path
 
 SAMPLE_RATE = 16_000  # Hz: what every Whisper checkpoint reads
@@ -168,11 +169,13 @@ def _open(src: AudioSource):
         if not len(src):
             raise AudioError("<bytes>: empty (0 bytes)")
         return av.open(io.BytesIO(bytes(src)))
-    path = Path(src)
+    path = storage.path(src)
     if not path.is_file():
         raise AudioError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+    if storage.size(path) == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
+    if storage.is_remote(path):  # an object: its bytes, decoded from memory
+        return av.open(io.BytesIO(path.read_bytes()))
     return av.open(str(path))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipeline import storage
 from data_pipeline.paths import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
@@ -51,13 +52,16 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXE
     Palette, grayscale and CMYK images are converted to RGB; transparency is composited onto white (what
     transformers' `convert_to_rgb` does, so results match the HF processors). An image of more than
     `max_pixels` pixels (None: no limit) is a `MediaError` naming it, checked from the header before decoding.
+    An image at a URL (`gs://...`) is read whole and decoded from memory.
     """
+    name = _name(src)
     try:
+        src = storage.as_readable(src)
         fp = io.BytesIO(bytes(src)) if isinstance(src, bytes | bytearray | memoryview) else src
         with Image.open(fp) as im:
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:
-                raise MediaError(f"{_name(src)}: {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                raise MediaError(f"{name}: {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
                                  "(max_image_pixels)")
             im.load()
             has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
@@ -68,9 +72,9 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXE
     except MediaError:
         raise
     except FileNotFoundError as e:
-        raise MediaError(f"{_name(src)}: file not found") from e
+        raise MediaError(f"{name}: file not found") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for corrupt data
-        raise MediaError(f"{_name(src)}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -140,6 +144,7 @@ def count_video_frames(src: str | os.PathLike | bytes) -> int:
     """Number of frames in a video container (header count, or a full decode when the header has none)."""
     import av
 
+    src = storage.as_readable(src)
     with av.open(io.BytesIO(src) if isinstance(src, bytes | bytearray) else str(src)) as container:
         stream = container.streams.video[0]
         if stream.frames:
@@ -152,6 +157,7 @@ def _decode_video(src: str | os.PathLike | bytes, num_frames: int) -> np.ndarray
 
     name = _name(src)
     try:
+        src = storage.as_readable(src)  # a URL: the container's bytes, decoded from memory
         with av.open(io.BytesIO(src) if isinstance(src, bytes | bytearray) else str(src)) as container:
             if not container.streams.video:
                 raise MediaError(f"{name}: no video stream")
@@ -203,7 +209,7 @@ def load_video(src: str | os.PathLike | Sequence[ImageSource] | bytes, num_frame
     if isinstance(src, bytes | bytearray):
         return _decode_video(bytes(src), num_frames)
     if isinstance(src, str | os.PathLike):
-        path = Path(src)
+        path = storage.path(src)
         if path.is_dir():
             files = frame_files(path, data_root)
             if not files:
@@ -273,7 +279,7 @@ def image_problem(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
     if it is fine. The image is decoded completely, as training decodes it: a truncated JPEG fails here."""
     if not path.is_file():
         return "file not found"
-    if path.stat().st_size == 0:
+    if storage.size(path) == 0:
         return "empty file (0 bytes)"
     try:
         load_image(path, max_pixels)
@@ -309,7 +315,7 @@ def video_problem(path: Path, num_frames: int | None, data_root: str | os.PathLi
                 return f"frame {frame.name}: {problem}"
     elif not path.is_file():
         return "file not found"
-    elif path.stat().st_size == 0:
+    elif storage.size(path) == 0:
         return "empty file (0 bytes)"
     else:
         try:

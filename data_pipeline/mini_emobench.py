@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import mini_emobench_voice as voice
+from data_pipeline import storage
 from data_pipeline.mini_emobench_draw import (
     BACKGROUNDS,
     IMAGE_SIZE,
@@ -459,7 +461,18 @@ def generate(
     `videos/<id>.mp4`), `card.json`. `sizes`: task -> (train, test) record counts (missing tasks: none).
     `sound_sizes` (`SOUND_SIZES` gives the default job's): voice records per task, among `SOUND_SIZES`'
     tasks, as `audio/<id>.wav`, plus `test_silent.jsonl` and `audio/silent.wav`; None or empty: no sound.
+    `out_dir` may be a URL (`gs://...`): drawn on local disk, then uploaded, `card.json` last.
     """
+    if storage.is_remote(out_dir):
+        with tempfile.TemporaryDirectory(prefix="emollm_jax-data-") as local:
+            card = generate(local, seed, sizes, sound_sizes=sound_sizes, blank_control=blank_control,
+                            video_files=video_files, video_fraction=video_fraction)
+            for sub in ("images", "videos", "audio"):  # stale media from an earlier run must not survive
+                storage.path(out_dir).joinpath(sub).rmtree(missing_ok=True)
+            if not sound_sizes:
+                storage.path(out_dir).joinpath("test_silent.jsonl").unlink(missing_ok=True)
+            storage.copy_tree(local, out_dir, last="card.json")
+        return {**card, "out_dir": os.fspath(out_dir)}
     start = time.perf_counter()
     out = Path(out_dir)
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)

@@ -1,17 +1,21 @@
 """Where a record's media live on disk and what may be read there: its path fields, resolved under a data root
 that they may not leave (symlinks followed), and the largest image decoded.
 
-A leaf module (standard library only): the record schema (`records`) and the decoders (`media`) both build on
-it, so neither needs the other for paths and limits.
+A leaf module (standard library and `storage` only): the record schema (`records`) and the decoders (`media`)
+both build on it, so neither needs the other for paths and limits. A data root on an object store (a URL) has
+no symlinks: a media path there is normalised and may not climb above the root with `..`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from data_pipeline import storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 FROM_VIDEO = "from_video"  # a record's `audio` value meaning: the sound track of the record's own video file
@@ -39,11 +43,16 @@ def _resolved_root(root: str, cwd: str) -> Path:
     return Path(cwd, root).resolve()
 
 
-def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Path:
+def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> Any:
     """`data_root / path` with every symlink followed; ValueError for an absolute path or one that resolves
-    outside the root (`data_root` None: the working directory)."""
-    if os.path.isabs(path):
+    outside the root (`data_root` None: the working directory). Under a URL root: an epath path."""
+    if os.path.isabs(path) or storage.is_remote(path):
         raise ValueError(f"absolute path {path!r} refused; media paths are relative to the data root")
+    if data_root is not None and storage.is_remote(data_root):
+        normal = posixpath.normpath(path)
+        if normal == ".." or normal.startswith("../"):
+            raise ValueError(f"path {path!r} leads outside the data root {data_root}")
+        return storage.path(data_root) / normal
     root = _resolved_root(str(data_root if data_root is not None else "."), os.getcwd())
     full = (root / path).resolve()
     if not full.is_relative_to(root):
@@ -58,9 +67,9 @@ def frame_files(directory: str | os.PathLike, data_root: str | os.PathLike | Non
     followed: a frame that links to a file elsewhere is a ValueError naming it, so nothing outside the root is
     read through a frame directory. Without it the paths are returned as listed.
     """
-    directory = Path(directory)
+    directory = storage.path(directory)
     frames = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if data_root is None:
+    if data_root is None or storage.is_remote(directory):  # a store has no symlinks to follow
         return frames
     root = _resolved_root(str(data_root), os.getcwd())
     resolved = []

@@ -6,6 +6,7 @@ Training chain (per mixture part, then mixed):
       -> parts (`mixture.parts`) -> shuffle(seed, reshuffled each epoch) -> repeat(num_epochs)
       -> mix(weights) -> [process_index::process_count] -> map(encode) in Grain workers (mp_prefetch)
       -> skip invalid (error budget) -> batch + pad to a length bucket -> zero-supervision check
+      (with `packing`: -> several records per row of the largest bucket, `data_pipeline.packing`)
 
 Every record keeps its own file and line (an ArrayRecord record the file and line it was converted from), so
 a skipped record is logged, and an exhausted budget reported, in the user's terms.
@@ -30,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import audio, media, mixture, text
+from data_pipeline import audio, media, mixture, packing, storage, text
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
 from data_pipeline.records import TASKS, ErrorBudget, RecordError, media_layout
 from data_pipeline.sources import SourceSpec, open_source
@@ -81,6 +82,8 @@ class PipelineSpec:
     Batching:
       batch_size: per process. seq_buckets: increasing lengths; a batch is padded to the smallest bucket
         holding its longest sequence, so the trainer compiles at most `len(seq_buckets)` shapes.
+      packing: training batches of `batch_size` rows of the largest bucket, each holding several records
+        (`data_pipeline.packing`: segment_ids, per-record positions, each record's media in its row).
       seed, shuffle, num_epochs (None: repeat forever).
       worker_count: Grain worker processes (0: decode in this process, with `read_threads` threads).
       worker_buffer_size: elements each worker keeps ready.
@@ -109,6 +112,7 @@ class PipelineSpec:
     audio_tokens_fn: Callable[[int], int] | None = None
     batch_size: int = 8
     seq_buckets: tuple[int, ...] = (128, 256, 512)
+    packing: bool = False
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
@@ -351,7 +355,7 @@ def _open(spec: PipelineSpec, source: SourceSpec) -> Any:
     the file's directory."""
     root = source.root if source.root is not None else spec.data_root
     if root is None and source.path.endswith((".json", ".jsonl")):
-        root = os.path.dirname(os.path.abspath(source.path))
+        root = os.path.dirname(storage.absolute(source.path))
     return open_source(source.path, validate=spec.validate, data_root=root, num_frames=spec.num_frames,
                        check_media=spec.check_media, data_dir=spec.data_root, default_task=source.task,
                        max_image_pixels=spec.max_image_pixels, split=source.split)
@@ -434,13 +438,17 @@ class TrainStream:
     count, so a resumed run goes on with the count it had (`get_state` is JSON-serialisable).
 
     `num_records`: the records one epoch covers (all processes); `task_shares`: the expected share of each
-    task among the samples.
+    task among the samples; `records_per_row`: records a row holds on average (1 unless packed; an estimate
+    from a sample of the records, `packing.estimate_records_per_row`).
     """
 
     def __init__(self, iterator: grain.DatasetIterator, budget: ErrorBudget, num_records: int,
-                 task_shares: dict[str, float]):
+                 task_shares: dict[str, float], records_per_row: float = 1.0):
         self._it, self.budget = iterator, budget
         self.num_records, self.task_shares = num_records, task_shares
+        self.records_per_row = records_per_row
+        # a packing iterator knows the count at the point of the stream its state describes
+        self._errors = getattr(iterator, "errors_state", budget.get_state)
 
     def __iter__(self) -> TrainStream:
         return self
@@ -449,12 +457,16 @@ class TrainStream:
         return next(self._it)
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._it.get_state(), "errors": self.budget.get_state()}
+        return {"pipeline": self._it.get_state(), "errors": self._errors()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if "pipeline" not in state:  # an iterator state saved without the budget's count
             self._it.set_state(state)
             return
+        packed = isinstance(self._it, packing.PackedBatchIterator)
+        if packing.PACKED_STATE in state["pipeline"] and not packed:
+            raise ValueError("the data state was saved by a packed stream, and this one does not pack "
+                             "(config.data.packing changed since the checkpoint: use a new --workdir)")
         self._it.set_state(state["pipeline"])
         self.budget.set_state(state["errors"])
 
@@ -488,6 +500,9 @@ def _train_chain(spec: PipelineSpec, tokenizer: text.Tokenizer | None, process_i
     ds = ds[process_index::process_count]
     it = _encoded(ds, spec, _Encoder(spec, tokenizer, for_generation=False))
     it = it.filter(_SkipInvalid(budget))
+    if spec.packing:
+        layout = packing.row_layout(spec)
+        return packing.PackedBatches(it, spec.batch_size, layout, tokenizer.pad_id, budget), picks
     batches = it.batch(spec.batch_size, drop_remainder=True, batch_fn=_TrainBatcher(spec, tokenizer.pad_id))
     return batches, picks
 
@@ -508,6 +523,8 @@ def make_train_iterator(
       end-of-turn), pixel_values float32[B, K, S, S, 3] (zeros in unused slots), frame_media int32[B, K]
       (media index of each frame slot, -1 = empty); with `audio_mels`, audio_features
       float32[B, A, n_mels, F] and audio_media int32[B, A] (the sound of each window slot, -1 = empty).
+    With `spec.packing`, B rows of several records each (`packing.pack_rows`: T = the largest bucket, K and
+    A a row's slots, plus segment_ids and positions int32[B, T]).
     Processes get disjoint interleaved slices (`[process_index::process_count]`) of the same shuffled
     stream, by default `jax.process_index()` / `jax.process_count()`. Resume with
     `it.set_state(saved)`, where `saved = it.get_state()` is a JSON-serialisable dict.
@@ -519,7 +536,12 @@ def make_train_iterator(
     batches, picks = _train_chain(spec, tokenizer, process_index, process_count, budget)
     shares = mixture.task_shares(picks, source_weights=spec.weights, tasks=spec.tasks,
                                  task_weights=spec.task_weights)
-    return TrainStream(iter(batches), budget, len(picks), shares)
+    per_row = 1.0
+    if spec.packing:
+        encoder = _Encoder(spec, _load_tokenizer(spec, tokenizer), for_generation=False)
+        per_row = packing.estimate_records_per_row(mixture.Picked(picks), encoder, rows=spec.batch_size,
+                                                   length=spec.seq_buckets[-1], seed=spec.seed)
+    return TrainStream(iter(batches), budget, len(picks), shares, per_row)
 
 
 class _EvalBatcher:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import storage
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS, FROM_VIDEO, media_paths, resolve_media_path
 
 TASKS = ("emo_c", "emo_o", "intent", "hate", "humor", "sarcasm", "caption", "vqa")
@@ -146,9 +147,9 @@ def iter_records(
 
     A malformed line (bad JSON, or bytes that are not UTF-8) raises `RecordError` naming the line; if `errors`
     is a list, the error is appended there and the line skipped instead, so a validator can report every bad
-    line and still read the rest of the file.
+    line and still read the rest of the file. `path` may be a URL (`gs://...`).
     """
-    path = Path(path)
+    path = storage.path(path)
 
     def fail(line: int, field: str, message: str) -> None:
         err = RecordError(path, line, field, message)
@@ -157,7 +158,7 @@ def iter_records(
         errors.append(err)
 
     if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 try:
                     text = raw.decode("utf-8")

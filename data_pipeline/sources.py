@@ -23,9 +23,11 @@ import io
 import json
 import os
 import threading
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
+from data_pipeline import storage
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
 from data_pipeline.records import RecordError, iter_records, not_utf8, validate_record
 
@@ -210,7 +212,8 @@ class JsonRecordSource(_ValidatingSource):
     another run regenerating the data); re-opening the path at read time would read the new file at the old
     offsets ("malformed JSON" at some line). The descriptor is owned by a file object that
     closes it exactly once. A pickled copy (Grain worker) reopens the path and refuses a file that changed
-    since it was indexed.
+    since it was indexed. A `.jsonl` at a URL (`gs://...`) is read whole into memory (a store has no pread)
+    and indexed there; a pickled copy reads it again and refuses other bytes (size and CRC-32).
     """
 
     def __init__(self, path: str | os.PathLike, **kwargs: Any):
@@ -220,7 +223,13 @@ class JsonRecordSource(_ValidatingSource):
         self._file: io.BufferedReader | None = None
         self._identity: tuple[int, ...] | None = None
         self._open_lock = threading.Lock()
-        if self.path.endswith(".jsonl"):
+        self._blob: bytes | None = None
+        if self.path.endswith(".jsonl") and storage.is_remote(self.path):
+            self._blob = storage.read_bytes(self.path)
+            self._identity = (len(self._blob), zlib.crc32(self._blob))
+            self._offsets, self._sizes, self._lines = _line_index(io.BytesIO(self._blob))
+            self._records = None
+        elif self.path.endswith(".jsonl"):
             self._file = open(self.path, "rb")  # noqa: SIM115 - held for random access; closed by close()
             self._identity = _identity(self._file.fileno())
             self._offsets, self._sizes, self._lines = _line_index(self._file)
@@ -243,6 +252,7 @@ class JsonRecordSource(_ValidatingSource):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"] = None
+        state["_blob"] = None
         state["_open_lock"] = None
         return state
 
@@ -256,6 +266,7 @@ class JsonRecordSource(_ValidatingSource):
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            self._blob = None
 
     def _fileno(self) -> int:
         """The descriptor of the indexed file, reopened (once, under a lock) in a fresh process."""
@@ -273,11 +284,27 @@ class JsonRecordSource(_ValidatingSource):
                 file = self._file
         return file.fileno()
 
+    def _line_bytes(self, index: int) -> bytes:
+        size, offset = self._sizes[index], self._offsets[index]
+        if not storage.is_remote(self.path):
+            return os.pread(self._fileno(), size, offset)
+        blob = self._blob
+        if blob is None:  # a fresh process: the object read again (once, under a lock) and checked
+            with self._open_lock:
+                if self._blob is None:
+                    data = storage.read_bytes(self.path)
+                    if (len(data), zlib.crc32(data)) != self._identity:
+                        raise RuntimeError(f"{self.path}: the file changed after it was indexed (replaced or "
+                                           "modified); build a new source")
+                    self._blob = data
+                blob = self._blob
+        return blob[offset:offset + size]
+
     def _read(self, index):
         line = self._lines[index]
         if self._records is not None:
             return self._records[index], self.path, line, []
-        raw = os.pread(self._fileno(), self._sizes[index], self._offsets[index])
+        raw = self._line_bytes(index)
         try:
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -311,9 +338,19 @@ def _line_index(file: BinaryIO) -> tuple[list[int], list[int], list[int]]:
 
 
 def shard_paths(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """ArrayRecord shard files from a list, a glob, or a `convert_arrayrecord` prefix (PREFIX-*-of-*)."""
+    """ArrayRecord shard files from a list, a glob, or a `convert_arrayrecord` prefix (PREFIX-*-of-*). The
+    ArrayRecord reader opens local files only: shards on an object store are read through a mount (gcsfuse),
+    as MaxText's Grain input reads them."""
     if not isinstance(pattern, str | os.PathLike):
-        return [os.fspath(p) for p in pattern]
+        paths = [os.fspath(p) for p in pattern]
+    else:
+        paths = [os.fspath(pattern)]
+    remote = [p for p in paths if storage.is_remote(p)]
+    if remote:
+        raise ValueError(f"{remote[0]}: ArrayRecord shards are read from a local or mounted path (e.g. "
+                         "gcsfuse), not a URL")
+    if not isinstance(pattern, str | os.PathLike):
+        return paths
     pattern = os.fspath(pattern)
     if os.path.isfile(pattern):
         return [pattern]
@@ -430,7 +467,7 @@ def open_source(spec: str | os.PathLike, **kwargs: Any) -> _ValidatingSource:
         return TfdsSource(spec, split=split, builder_dir=spec, **kwargs)
     kwargs.pop("data_dir", None)
     if spec.endswith((".json", ".jsonl")):
-        if not os.path.isfile(spec):
+        if not storage.path(spec).is_file():
             raise FileNotFoundError(f"{spec}: no such record file")
         return JsonRecordSource(spec, **kwargs)
     return ArrayRecordSource(spec, **kwargs)

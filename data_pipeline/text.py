@@ -12,12 +12,12 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.records import AUDIO_MARKER, IMAGE_MARKER, VIDEO_MARKER
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
@@ -100,9 +100,12 @@ def load_tokenizer(
     explicit `image_token_id` (e.g. an id the model reserves), else `image_token` is added as a special token
     (the vocabulary grows by one; the model's embedding must be sized to `vocab_size`). The audio token:
     `<audio>` if the vocabulary has it, else `audio_token_id` (a placeholder the model replaces before any
-    embedding lookup, so it may lie outside the vocabulary), else None (no sound in prompts).
+    embedding lookup, so it may lie outside the vocabulary), else None (no sound in prompts). A URL
+    (`gs://...`) is read from a local copy (`storage.local_copy`).
     """
-    path = os.fspath(path)
+    if storage.is_remote(path) and not storage.path(path).exists():
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+    path = storage.local_copy(path)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
@@ -187,7 +190,7 @@ def train_tiny_tokenizer(
     tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
     tok.decoder = None
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    storage.path(path).mkdir(parents=True, exist_ok=True)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
@@ -195,21 +198,10 @@ def train_tiny_tokenizer(
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 30,
     }
-    _atomic_write(os.path.join(path, "tokenizer.json"), tok.to_str(pretty=True))
-    _atomic_write(os.path.join(path, "tokenizer_config.json"), json.dumps(config, indent=2, sort_keys=True))
+    storage.write_text(storage.join(path, "tokenizer.json"), tok.to_str(pretty=True))
+    config_text = json.dumps(config, indent=2, sort_keys=True)
+    storage.write_text(storage.join(path, "tokenizer_config.json"), config_text)
     return load_tokenizer(path)
-
-
-def _atomic_write(file: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------

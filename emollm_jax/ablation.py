@@ -28,6 +28,7 @@ from typing import Any
 
 import ml_collections
 
+from data_pipeline import storage
 from emollm_jax import ablation_report
 from emollm_jax.configuration import ConfigError, apply_overrides, load_config, split_config_args
 from emollm_jax.models import catalog  # noqa: F401  (the shipped parts a combination may name)
@@ -55,7 +56,7 @@ class Run:
         return f"{self.foundation}/{self.variant}/seed{self.seed}"
 
     def workdir(self, root: str | Path) -> Path:
-        return Path(root) / self.foundation / self.variant / f"seed{self.seed}"
+        return storage.path(root) / self.foundation / self.variant / f"seed{self.seed}"
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -212,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, variants: Sequen
     """
     import jax
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     runs = plan_runs(config, variants, foundations, num_devices=jax.device_count())
     if compile_cache is not None and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(compile_cache))
@@ -253,10 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {e}\n")
     try:
         run(config, args.workdir, _names(args.variants), _names(args.foundations),
-            compile_cache=Path(args.workdir) / "jax_cache")
+            compile_cache=storage.join(args.workdir, "jax_cache"))
     except (AblationError, ConfigError) as e:
         parser.exit(2, f"error: {e}\n")
-    print((Path(args.workdir) / "ablation.md").read_text())
+    print(storage.path(args.workdir).joinpath("ablation.md").read_text())
     return 0
 
 

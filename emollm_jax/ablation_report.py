@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from data_pipeline import storage
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS
 
@@ -53,7 +54,7 @@ class Setup:
             parts.append(f"{name} {length} (batch {st.batch_size})")
         split = config.data.eval_split
         counts: dict[str, int] = {}
-        test = Path(root) / f"{split}.jsonl"
+        test = storage.path(root) / f"{split}.jsonl"
         if test.exists():
             for _, rec in iter_records(test):
                 counts[rec.get("task", "")] = counts.get(rec.get("task", ""), 0) + 1
@@ -205,7 +206,7 @@ def plot(summary: Mapping[str, Any], path: str | Path, title: str = "") -> None:
 
 def write(workdir: str | Path, rows: Sequence[Mapping[str, Any]], setup: Setup) -> dict[str, Any]:
     """W/ablation.json (setup, every run's row, the summary), W/ablation.md and W/ablation.png."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     summary = summarize(rows, setup.baseline)
     eval_report.write_json(workdir / "ablation.json",
                            {"setup": dataclasses.asdict(setup), "runs": list(rows), "summary": summary})

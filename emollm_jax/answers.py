@@ -37,6 +37,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from data_pipeline import storage
 from data_pipeline.records import EMOTION_TASKS
 
 EMOBENCH_TASKS: tuple[str, ...] = EMOTION_TASKS  # the six sub-tasks scored in the EmoBench mean
@@ -154,7 +155,7 @@ def clauses(text: str) -> str:
 
 def load_synonyms(path: str | Path, base: Mapping[str, str] = DEFAULT_SYNONYMS) -> dict[str, str]:
     """Returns `base` extended (and overridden) by the JSON object `{"word": "label", ...}` at `path`."""
-    path = Path(path)
+    path = storage.path(path)
     try:
         extra = json.loads(path.read_text())
     except json.JSONDecodeError as e:

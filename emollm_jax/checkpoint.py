@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax import integrity
 from emollm_jax.models import stack
 from emollm_jax.outdir import AtomicDir
@@ -188,7 +189,7 @@ class Checkpointer:
     ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep={max_to_keep}: must be >= 1 (fewer would delete every checkpoint)")
-        self.directory = Path(directory).absolute()
+        self.directory = storage.path(storage.absolute(directory))  # a local path or a URL (gs://...)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -431,7 +432,7 @@ def restore_latest_params(path_or_dir: str | Path, abstract_params: Any,
                           shardings: Any | None = None) -> tuple[int | None, Any]:
     """(step, params) as `restore_params`; step is None for a params-only checkpoint. A damaged step of a
     Checkpointer root is reported in one log line and the next older one is read (nothing is moved)."""
-    candidates = _params_dirs(Path(path_or_dir).absolute())
+    candidates = _params_dirs(storage.path(storage.absolute(path_or_dir)))
     for i, (step, params_dir) in enumerate(candidates):
         try:
             return step, _restore_params_dir(params_dir, abstract_params, shardings, step)

@@ -14,12 +14,11 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from data_pipeline import pipeline
+from data_pipeline import packing, pipeline, storage
 from data_pipeline.paths import DEFAULT_MAX_IMAGE_PIXELS
 from data_pipeline.records import TASKS
 from data_pipeline.sources import VALIDATION_MODES, SourceSpec
@@ -54,6 +53,7 @@ class DataConfig(Section):
     template: str = ""             # a data_pipeline.text.TEMPLATES name
     max_len: int = 256             # longest training sequence (visual tokens included)
     seq_buckets: tuple[int, ...] = ()  # padded lengths, one compile each; empty: (max_len,)
+    packing: bool = False          # training rows of max_len tokens holding several records (segment ids)
     num_frames: int = 4            # frames sampled per video
     audio_windows: int = 1         # audio tower windows read per sound (Whisper: 30 s each); the rest is cut
     train_split: str = "train"
@@ -125,7 +125,7 @@ def split_sources(config: ml_collections.ConfigDict, split: str,
     """(sources, weights or None) of `split`: `config.data.sources.<split>`, else `<root>/<split>.jsonl`."""
     entries = tuple(config.data.sources.get(split, ()) or ())
     if not entries:
-        path = Path(root) / f"{split}.jsonl"
+        path = storage.path(root) / f"{split}.jsonl"
         if not root or not path.is_file():
             raise FileNotFoundError(f"{path}: no {split!r} record file (config.data.root={root!r}); or name "
                                     f"the split's records with config.data.sources.{split}")
@@ -162,17 +162,18 @@ def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
     """The `PipelineSpec` of one data stream.
 
     training=True: shuffled with the run's seed, repeated, `config.data.num_workers` worker processes,
-    buckets `config.data.seq_buckets` (or `(max_len,)`). training=False: one pass in source order, buckets
-    `seq_buckets` (evaluation derives them from the decoder's context). `batch_size` is per process.
-    Validation mode (`validate`, default `config.data.validate`), error budget and image limit come from
-    `config.data`.
+    buckets `config.data.seq_buckets` (or `(max_len,)`); with `config.data.packing`, rows of `max_len`
+    tokens each holding several records (`data_pipeline.packing`). training=False: one pass in source
+    order, buckets `seq_buckets` (evaluation derives them from the decoder's context). `batch_size` is per
+    process. Validation mode (`validate`, default `config.data.validate`), error budget and image limit come
+    from `config.data`.
     """
     cfg = DataConfig.from_config(config.data, "data")  # typed, with the section's defaults for absent keys
     frames = cfg.num_frames
     pre = model_cfg.vision.preprocessing()
     if training:
-        buckets = tuple(cfg.seq_buckets) or (cfg.max_len,)
-        mode = dict(seed=int(config.seed), shuffle=True, worker_count=cfg.num_workers)
+        buckets = (cfg.max_len,) if cfg.packing else tuple(cfg.seq_buckets) or (cfg.max_len,)
+        mode = dict(seed=int(config.seed), shuffle=True, worker_count=cfg.num_workers, packing=cfg.packing)
     else:
         buckets = tuple(seq_buckets or ())
         mode = dict(shuffle=False, num_epochs=1)
@@ -201,6 +202,14 @@ def pipeline_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig, *,
         **_audio_spec(config, model_cfg),
         **mode,
     )
+
+
+def packed_row_layout(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig) -> packing.RowLayout:
+    """The row a packed training batch has under `config` (`data_pipeline.packing.row_layout` of the
+    training spec): its tokens and its frame and sound-window slots."""
+    spec = pipeline_spec(config, model_cfg, sources=("<row layout>",), tokenizer="", data_root=None,
+                         batch_size=1, training=True)
+    return packing.row_layout(spec)
 
 
 def _audio_spec(config: ml_collections.ConfigDict, model_cfg: EmoLLMConfig) -> dict[str, Any]:
@@ -232,7 +241,8 @@ def stage_stream(config: ml_collections.ConfigDict, stage: Any, setup: Any, toke
     """One training stage's batches: this process's shard of the stage's mixture (the records of
     `stage.tasks` in the training split's sources, weighted by `stage.task_weights` when set), repeated, as a
     resumable iterator whose state holds the error budget's count; and the number of records in the mixture
-    (for `epochs`). Logs one line naming the sources and each task's share of the samples."""
+    (for `epochs`; packed, the rows they fill). Logs one line naming the sources and each task's share of
+    the samples."""
     from emollm_jax import emoprompt
 
     split = config.data.train_split
@@ -244,6 +254,7 @@ def stage_stream(config: ml_collections.ConfigDict, stage: Any, setup: Any, toke
     it = pipeline.make_train_iterator(spec, tokenizer=tokenizer, process_index=process_index,
                                       process_count=process_count)
     shares = ", ".join(f"{task} {100 * share:.1f}%" for task, share in it.task_shares.items())
-    log.info("stage %s: %d records from %s; samples: %s", stage.name, it.num_records,
-             ", ".join(s.path for s in sources), shares)
-    return it, it.num_records
+    packed = f", packed ~{it.records_per_row:.2f} records per row" if spec.packing else ""
+    log.info("stage %s: %d records from %s; samples: %s%s", stage.name, it.num_records,
+             ", ".join(s.path for s in sources), shares, packed)
+    return it, max(1, round(it.num_records / it.records_per_row))

@@ -22,11 +22,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import storage
 from emollm_jax.configuration import Section
 
 BANK_VERSION = 1
@@ -66,7 +66,7 @@ Bank = dict[str, list[Exemplar]]
 
 def load_bank(path: str | os.PathLike) -> Bank:
     """Reads and validates a bank file; errors name the file, task, exemplar index and key."""
-    path = Path(path)
+    path = storage.path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -95,20 +95,10 @@ def load_bank(path: str | os.PathLike) -> Bank:
 
 
 def save_bank(bank: Mapping[str, Sequence[Exemplar]], path: str | os.PathLike) -> None:
-    """Writes the bank atomically (tmp file + rename), so a crash never leaves half a bank."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes the bank atomically (tmp file + rename, or one upload), so a crash never leaves half a bank."""
     data = {"version": BANK_VERSION,
             "tasks": {task: [dataclasses.asdict(e) for e in items] for task, items in bank.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    storage.write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def question_text(record: Mapping[str, Any]) -> str:
@@ -300,12 +290,12 @@ def from_config(config: Any, data_root: str | os.PathLike,
     if m <= 0:
         return None
     if ep.bank:
-        bank_path = Path(ep.bank)
+        bank_path = storage.path(ep.bank)
         if not bank_path.exists():
             raise FileNotFoundError(f"config.emoprompt.bank={ep.bank}: no such file")
     else:
-        bank_path = Path(workdir) / "emoprompt_bank.json"
-        _build_default_bank_once(config, Path(data_root), bank_path)
+        bank_path = storage.path(workdir) / "emoprompt_bank.json"
+        _build_default_bank_once(config, storage.path(data_root), bank_path)
     return prefix_fn(load_bank(bank_path), m, ep.get("strategy", "fixed"))
 
 

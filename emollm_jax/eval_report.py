@@ -1,7 +1,8 @@
 """Evaluation output files: results.json, report.md, predictions.jsonl, confusion_<task>.png.
 
-Pure formatting from the dicts `evaluate.score` builds; every file is written atomically (tmp + rename) so a
-killed evaluation never leaves a half-written report next to an old one.
+Pure formatting from the dicts `evaluate.score` builds; every file is written atomically (tmp + rename, or one
+upload on an object store: `data_pipeline.storage.atomic_write`) so a killed evaluation never leaves a
+half-written report next to an old one.
 """
 
 from __future__ import annotations
@@ -9,27 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> None:
-    """Calls `write(file)` on a temp file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from data_pipeline.storage import atomic_write
 
 
 def _json_safe(value: Any) -> Any:

@@ -17,11 +17,11 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.records import OBJECTIVE_TASKS
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
@@ -197,7 +197,7 @@ def control_drop(main: Mapping[str, Any], control: Mapping[str, Any]) -> dict[st
 def write_outputs(out_dir: str | os.PathLike, results: Mapping[str, Any],
                   predictions: Sequence[Prediction]) -> None:
     """results.json, report.md, predictions.jsonl and one confusion PNG per task of the main split."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     rows = [dataclasses.asdict(p) for p in predictions]
     eval_report.write_jsonl(out_dir / "predictions.jsonl",
                             ({k: v for k, v in r.items() if k not in ("options", "media")} for r in rows))
@@ -422,7 +422,7 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
         return eval_model(config, nnx.merge(graphdef, params, rest), donate=True), str(init_from)
     from emollm_jax.checkpoint import Checkpointer, restore_latest_params
 
-    ckpt_dir = Path(workdir) / "checkpoints"
+    ckpt_dir = storage.path(workdir) / "checkpoints"
     step = None
     if ckpt_dir.exists():
         with Checkpointer(ckpt_dir) as ckpt:
@@ -501,7 +501,7 @@ def eval_splits(config: Any, root: str) -> tuple[list[str], str, str]:
 
     def present(split: str) -> bool:
         return split != main_split and (
-            has_sources(config, split) or bool(root) and (Path(root) / f"{split}.jsonl").is_file())
+            has_sources(config, split) or bool(root) and (storage.path(root) / f"{split}.jsonl").is_file())
 
     return [main_split] + [s for s in (control, silent) if present(s)], control, silent
 
@@ -558,5 +558,5 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
                                audio_control_split=silent if silent != splits[0] else None)
     results.update(dtype=eval_dtype(config), param_dtypes=model_dtype.param_dtypes(model))
     if jax.process_index() == 0:
-        write_outputs(Path(out_dir) if out_dir else Path(workdir) / "eval", results, predictions)
+        write_outputs(out_dir or storage.join(workdir, "eval"), results, predictions)
     return results

@@ -11,13 +11,13 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax import init_config, lora
 from emollm_jax.configuration import ConfigError, Section
 from emollm_jax.lora import LoRAConfig
@@ -96,7 +96,7 @@ def _record_texts(root: str, split: str, template: str = "vicuna_v1", *, sources
     from data_pipeline.text import get_template, tiny_token_count
     from emollm_jax import emoprompt
 
-    sources = tuple(sources) or (SourceSpec(str(Path(root) / f"{split}.jsonl")),)
+    sources = tuple(sources) or (SourceSpec(storage.join(root, f"{split}.jsonl")),)
     spec = pipeline.PipelineSpec(sources=sources, tokenizer="", data_root=root or None)
     rejected = ErrorBudget(1 << 62)
     texts, records, too_long = [], [], []
@@ -142,7 +142,7 @@ def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
     for name, value, kind in checks:
         if not value:
             continue
-        path = Path(value).expanduser()
+        path = storage.path(value if storage.is_remote(value) else os.path.expanduser(value))
         if kind == "dir" and not path.is_dir():
             what = "not a directory" if path.exists() else "no such directory"
             raise ConfigError(f"{name}={value}: {what}")
@@ -153,7 +153,7 @@ def check_paths(config: ml_collections.ConfigDict, init_from: str | None = None,
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> str:
     """The run's tokenizer: `config.data.tokenizer`, else the pretrained decoder's (`init.llm` / `init.hf`),
     else the tiny one trained into `<workdir>/tokenizer`."""
-    return config.data.tokenizer or config.init.llm or config.init.hf or str(Path(workdir) / "tokenizer")
+    return config.data.tokenizer or config.init.llm or config.init.hf or storage.join(workdir, "tokenizer")
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataSetup:
@@ -163,7 +163,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     same files. The configured paths it reads are checked first, by key (`check_paths`)."""
     from emollm_jax.data import has_sources, split_sources, template_name
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     train_split = config.data.train_split
     named = bool(config.data.root) or has_sources(config, train_split)
     root = config.data.root or ("" if named else str(workdir / "data"))
@@ -173,7 +173,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     tok_path = tokenizer_path(config, workdir)
     must_generate = not named and not (workdir / "data" / "card.json").exists()
     must_tokenize = not (config.data.tokenizer or config.init.llm or config.init.hf) and not (
-        Path(tok_path) / "tokenizer.json").exists()
+        storage.path(tok_path) / "tokenizer.json").exists()
     check_paths(config, keys=(tok_key,) + (("data.root",) if must_tokenize else ()))  # what is read here
     if jax.process_index() == 0:
         if must_generate:
@@ -234,7 +234,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> tuple[EmoLL
     and the params of checkpoint `step` (default: the latest), adapters included."""
     from emollm_jax.checkpoint import restore_params
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     try:
         config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     except FileNotFoundError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from data_pipeline import storage
 from emollm_jax import flops
 from emollm_jax.logs import FILE_ONLY
 from emollm_jax.metrics import MetricsLogger, StageProgress
@@ -358,7 +360,8 @@ class Profiling(Hook):
     One trace per run; `steps` <= 0: off. A run that ends sooner stops the trace with the steps it had."""
 
     def __init__(self, directory: str | Path, steps: int):
-        self.directory, self.steps = Path(directory), int(steps)
+        self.directory, self.steps = str(directory), int(steps)
+        self._mirror: storage.Mirror | None = None  # a local trace directory, uploaded when the trace ends
         self._traced = 0  # step calls traced so far
         self._first: tuple[str, int] | None = None  # (stage, stage step) of the first traced call, once on
         self._done = self.steps <= 0
@@ -367,8 +370,9 @@ class Profiling(Hook):
         if self._done:
             return
         if self._first is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory))
+            self._mirror = storage.Mirror(self.directory, directory=True)
+            os.makedirs(self._mirror.local, exist_ok=True)
+            jax.profiler.start_trace(self._mirror.local)
             self._first = (stage.name, step.stage_step + 1)
             return
         self._traced += 1
@@ -377,6 +381,7 @@ class Profiling(Hook):
 
     def _stop(self) -> None:
         jax.profiler.stop_trace()
+        self._mirror.close()
         self._done = True
         stage, first = self._first
         log.info("profile of %d step calls (stage %s from step %d) -> %s", self._traced, stage, first,

@@ -31,12 +31,12 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax.configuration import OVERRIDES_KEY, ConfigError, FieldError
 from emollm_jax.models import catalog  # noqa: F401  (the parts a checkpoint may name)
 from emollm_jax.models.parts import DECODERS, VISION_TOWERS, PartConfig, hf_part
@@ -52,7 +52,7 @@ _CONFIG_FILES = ("config.json", "hf_config.json")  # an HF dir; the conversion C
 def read_checkpoint_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | None:
     """(HF config dict, file it was read from) of a checkpoint directory, or None when it has none."""
     for name in _CONFIG_FILES:
-        file = Path(path) / name
+        file = storage.path(path) / name
         if file.is_file():
             try:
                 return json.loads(file.read_text()), str(file)

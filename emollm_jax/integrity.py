@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline import storage
 from emollm_jax.pytree import flat_leaves
 
 FORMAT = 1
@@ -165,4 +166,4 @@ def params_record(params_dir: Path) -> dict[str, list] | None:
 def write_params_record(params_dir: Path, section: Mapping[str, list]) -> None:
     """The checksum record of a params-only checkpoint, inside its directory (read by `params_record`)."""
     body = {"format": FORMAT, "params": dict(section)}
-    (Path(params_dir) / RECORD_FILE).write_text(json.dumps(body, indent=1) + "\n")
+    storage.write_text(storage.join(params_dir, RECORD_FILE), json.dumps(body, indent=1) + "\n")

@@ -6,7 +6,9 @@ INFO and above, third-party libraries included (orbax, absl, grain, jax), goes t
 (`run.process_<i>.log` for process i > 0 of a multi-process run). `--verbosity=1` also sends third-party INFO
 to the console; `--verbosity=2` and above log DEBUG too. Processes other than 0 show only warnings and errors.
 
-A record logged with `extra=FILE_ONLY` (details such as compile times) goes to the file only.
+A record logged with `extra=FILE_ONLY` (details such as compile times) goes to the file only. In a workdir on
+an object store the log is written to a local copy uploaded whole every 30 s and at exit
+(`data_pipeline.storage.Mirror`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
+
+from data_pipeline import storage
 
 FILE_ONLY = {"file_only": True}
 OWN_LOGGERS = ("emollm_jax", "data_pipeline")
@@ -86,11 +89,33 @@ def configure(verbosity: int = 0, process_index: int = 0) -> None:
     _OURS.append(console)
 
 
-def add_file(workdir: str | os.PathLike, process_index: int = 0) -> Path:
-    """Appends every record at the root's level to the run's log file in `workdir`; returns its path."""
+class _MirroredFileHandler(logging.FileHandler):
+    """A FileHandler on a `storage.Mirror`'s local copy, uploading it as records come and when closed."""
+
+    def __init__(self, mirror: storage.Mirror):
+        super().__init__(mirror.local, mode="a", encoding="utf-8")
+        self.mirror = mirror
+
+    def flush(self) -> None:
+        super().flush()
+        try:
+            self.mirror.push()
+        except Exception:  # noqa: BLE001  (logging must never raise; the next push retries)
+            pass
+
+    def close(self) -> None:
+        super().close()
+        self.mirror.close()
+
+
+def add_file(workdir: str | os.PathLike, process_index: int = 0) -> str:
+    """Appends every record at the root's level to the run's log file in `workdir` (a local path or a URL);
+    returns its path."""
     name = LOG_FILE if process_index == 0 else f"run.process_{process_index}.log"
-    path = Path(workdir) / name
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    path = storage.join(workdir, name)
+    mirror = storage.Mirror(path)
+    handler = _MirroredFileHandler(mirror) if mirror.remote else logging.FileHandler(path, mode="a",
+                                                                                      encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(handler)
     _OURS.append(handler)

@@ -16,7 +16,6 @@ project's own lines and every warning and error; third-party INFO logs (orbax, a
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import ml_collections
 from absl import app, flags
 
+from data_pipeline import storage
 from emollm_jax import configuration, logs
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "emobench.py")
@@ -124,7 +124,7 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
     config = init_config.resolve(config, FLAGS.init_from)  # the model blocks a pretrained checkpoint implies
     run_config.validate_config(config, jax.device_count())
     logs.configure(FLAGS.verbosity, jax.process_index())
-    workdir = os.path.abspath(FLAGS.workdir)
+    workdir = storage.absolute(FLAGS.workdir)  # a local directory or a URL (gs://bucket/run)
     log.info("variant %s, mode %s, workdir %s, %d devices (%d processes)", config.variant, FLAGS.mode,
              workdir, jax.device_count(), jax.process_count())
 
@@ -134,7 +134,7 @@ def run_mode(config: ml_collections.ConfigDict) -> None:
         run_plan(config, jax.device_count())
         return
     _check_inputs(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     from emollm_jax.workdir import lock_run
 
     lock = lock_run(workdir, FLAGS.mode, jax.process_index(), jax.process_count())
@@ -162,10 +162,8 @@ def _run_modes(config: ml_collections.ConfigDict, workdir: str) -> None:
     import jax
 
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, f"config.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+        text = config.to_json_best_effort(indent=1, sort_keys=True)
+        storage.write_text(storage.join(workdir, "config.json"), text)
 
     model = tokenizer = None
     if FLAGS.mode in ("train", "all"):
@@ -184,7 +182,7 @@ def _run_modes(config: ml_collections.ConfigDict, workdir: str) -> None:
         init_from = FLAGS.init_from if FLAGS.mode == "eval" else None
         results = run_eval(config, workdir, model=model, tokenizer=tokenizer, init_from=init_from)
         if jax.process_index() == 0:
-            report = Path(workdir) / "eval" / "report.md"
+            report = storage.path(workdir) / "eval" / "report.md"
             print(report.read_text().split("\n## ", 1)[0], flush=True)  # the per-task table, not the listings
             log.info("EmoBench mean accuracy %.4f (report: %s)", results["emobench_mean"], report)
     if FLAGS.mode == "predict":

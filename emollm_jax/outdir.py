@@ -5,6 +5,10 @@ A directory written here carries a marker file, `.emollm_jax_output` (JSON: what
 what). An existing non-empty output is replaced only when asked (`overwrite`) and only when it carries that
 marker; an output equal to, inside, or a parent of one of the run's sources is refused outright, since
 replacing it would delete the source.
+
+An output on an object store (a `gs://...` URL) is written into a local staging directory and uploaded when
+complete, the marker last: a store has no directory rename, so the upload is not atomic, but an output
+without its marker is incomplete (and is never replaced: remove it by hand).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from data_pipeline import storage
 
 MARKER = ".emollm_jax_output"
 
@@ -25,7 +32,9 @@ class OutputDirError(FileExistsError):
     """The output directory may not be written (the message says why and what to do)."""
 
 
-def _resolved(path: str | os.PathLike) -> Path:
+def _resolved(path: str | os.PathLike) -> Any:
+    if storage.is_remote(path):
+        return storage.path(storage.absolute(path))
     return Path(path).expanduser().resolve()
 
 
@@ -63,7 +72,7 @@ def write_marker(directory: str | os.PathLike, writer: str, **info: object) -> N
     """The marker saying `directory` was written whole by `writer` (and may be replaced by it)."""
     body = {"written_by": writer, "host": socket.gethostname(),
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **info}
-    (Path(directory) / MARKER).write_text(json.dumps(body, indent=1, default=str) + "\n")
+    storage.write_text(storage.join(directory, MARKER), json.dumps(body, indent=1, default=str) + "\n")
 
 
 class AtomicDir:
@@ -74,12 +83,15 @@ class AtomicDir:
     def __init__(self, final: str | os.PathLike, *, writer: str, overwrite: bool = False,
                  sources: Iterable[tuple[str, str | os.PathLike]] = (),
                  overwrite_hint: str = "overwrite=True", info: dict | None = None):
-        self.final = Path(final)
+        self.final = storage.path(final)
         self.writer, self.info = writer, dict(info or {})
         self._check = dict(overwrite=overwrite, sources=list(sources), overwrite_hint=overwrite_hint)
 
     def __enter__(self) -> Path:
         check_output_dir(self.final, **self._check)
+        if storage.is_remote(self.final):  # staged locally, uploaded by __exit__
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"emollm_jax-{self.final.name}-"))
+            return self.tmp
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
         umask = os.umask(0)
@@ -97,6 +109,9 @@ class AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         write_marker(self.tmp, self.writer, **self.info)
+        if storage.is_remote(self.final):
+            self._upload()
+            return
         if not self.final.exists():
             self.tmp.rename(self.final)
             return
@@ -108,3 +123,13 @@ class AtomicDir:
             old.rename(self.final)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """The staged directory to the store: the old output removed, every file uploaded, the marker last."""
+        try:
+            if self.final.exists():
+                self.final.rmtree()
+            for child in sorted(self.tmp.iterdir(), key=lambda p: p.name == MARKER):
+                storage.copy_tree(child, self.final / child.name)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

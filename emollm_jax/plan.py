@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emollm_jax import experiment, sharding, train
+from emollm_jax import data, experiment, sharding, train
 from emollm_jax.configuration import Section, apply_overrides
 from emollm_jax.models import attention
-from emollm_jax.models.emollm import audio_parts
+from emollm_jax.models.emollm import EmoLLMConfig, audio_parts
 from emollm_jax.optim import param_group
 
 log = logging.getLogger(__name__)
@@ -87,18 +87,26 @@ def _sharded_bytes(abstract: Any, shardings: Any) -> float:
     return float(total)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh,
+                   model_cfg: EmoLLMConfig | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a training batch (the keys of `train.BATCH_KEYS`; the audio ones with an audio
-    tower) with the data sharding."""
+    tower; with `data.packing` the packed row's slots, segment_ids and positions: `model_cfg` needed) with
+    the data sharding."""
     t, k = int(config.data.max_len), int(config.data.num_frames)
+    a = int(config.data.get("audio_windows", 1))
     size = int(config.model.vision.image_size)
     sh = sharding.data_sharding(mesh)
     spec = dict(input_ids=((batch, t), np.int32), attention_mask=((batch, t), np.int32),
-                targets=((batch, t), np.int32), loss_mask=((batch, t), np.float32),
-                pixel_values=((batch, k, size, size, 3), np.float32), frame_media=((batch, k), np.int32))
+                targets=((batch, t), np.int32), loss_mask=((batch, t), np.float32))
+    if config.data.get("packing", False):
+        if model_cfg is None:
+            raise ValueError("abstract_batch: a packed batch's slots depend on the model: pass model_cfg")
+        layout = data.packed_row_layout(config, model_cfg)
+        k, a = layout.frame_slots, layout.audio_slots
+        spec.update(segment_ids=((batch, t), np.int32), positions=((batch, t), np.int32))
+    spec.update(pixel_values=((batch, k, size, size, 3), np.float32), frame_media=((batch, k), np.int32))
     tower = audio_parts(config.model)[0]
-    if tower is not None:  # the audio tower's windows: `data.audio_windows` per sample
-        a = int(config.data.get("audio_windows", 1))
+    if tower is not None:  # the audio tower's windows: `data.audio_windows` per sample (or a packed row's)
         spec.update(audio_features=((batch, a, tower.n_mels, tower.mel_frames), np.float32),
                     audio_media=((batch, a), np.int32))
     return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for key, (shape, dtype) in spec.items()}
@@ -107,7 +115,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh) -> dict[
 def _compile_stage(config, index: int, base_cfg, mesh) -> tuple[Any, train.StageState, dict, float]:
     st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
     stage = config.stages[config.stage_order[index]]
-    batch = abstract_batch(config, stage.batch_size // stage.grad_accum, mesh)
+    batch = abstract_batch(config, stage.batch_size // stage.grad_accum, mesh, base_cfg)
     params = sharding.with_shardings(st.abstract_params, st.param_shardings)
     opt = sharding.with_shardings(st.abstract_opt, st.opt_shardings)
     t0 = time.perf_counter()
@@ -203,7 +211,7 @@ def _stage_plan(config: ml_collections.ConfigDict, index: int, mesh) -> StagePla
     st = train.build_stage(config, index, base_cfg, mesh, total_steps=1000)
     temp, compile_s, note = _stage_temp(config, index, base_cfg, mesh, st, micro)
     note = f"micro-batch {micro} ({stage.grad_accum} accumulation steps), {how}; {note}"
-    batch = abstract_batch(config, micro, mesh)
+    batch = abstract_batch(config, micro, mesh, base_cfg)
     p = _sharded_bytes(st.abstract_params, st.param_shardings)
     o = _sharded_bytes(st.abstract_opt, st.opt_shardings)
     b = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import storage
 from data_pipeline.paths import FROM_VIDEO
 from data_pipeline.records import AUDIO_MARKER, IMAGE_MARKER, VIDEO_MARKER
 from emollm_jax.answers import parse_answer
@@ -109,7 +110,7 @@ def predict_records(config: Any, workdir: str | os.PathLike, records: Sequence[M
     """One output row per record: id, task, question, answer and, for EmoBench tasks, the parsed label."""
     from emollm_jax import emoprompt, evaluate
 
-    prefix = emoprompt.from_config(config, config.data.root or Path(workdir) / "data", workdir)
+    prefix = emoprompt.from_config(config, config.data.root or storage.join(workdir, "data"), workdir)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "requests.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -181,7 +182,7 @@ def run_predict(config: Any, workdir: str | os.PathLike, *, image: str | None = 
         label = f"  [{row['task']}: {row['parsed']}]" if row["task"] != "free" else ""
         print(f"{row['id']}: {row['answer']}{label}")
     if jsonl:
-        out_path = Path(out) if out else Path(workdir) / "predict" / "outputs.jsonl"
+        out_path = out or storage.join(workdir, "predict", "outputs.jsonl")
         eval_report.write_jsonl(out_path, rows)
         print(f"wrote {len(rows)} predictions to {out_path}")
     return rows

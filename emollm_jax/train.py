@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax import experiment, flops, lora, sharding
 from emollm_jax.configuration import Section
 from emollm_jax.data import stage_stream
@@ -71,7 +72,7 @@ class TrainConfig(Section):
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "pixel_values", "frame_media",
-              "audio_features", "audio_media")
+              "audio_features", "audio_media", "segment_ids", "positions")  # the last two: packed rows only
 
 
 class StageData(Protocol):
@@ -182,10 +183,12 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def model_loss(model: EmoLLM, batch: dict[str, jax.Array], chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS)."""
+    """Answer-token cross-entropy of `model` on a training batch (the keys of BATCH_KEYS; a packed batch
+    adds segment_ids and positions)."""
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
                    audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
+                   segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                    return_hidden=True)
     return token_cross_entropy(model.llm.logits, hidden, batch["targets"], batch["loss_mask"], chunk)
 
@@ -385,7 +388,7 @@ def _run_context(config: ml_collections.ConfigDict, workdir: str, *, init_from: 
     """Mesh, data, tokenizer, model config, checkpointer and device peak of a run (no hooks yet)."""
     from emollm_jax.checkpoint import Checkpointer
 
-    workdir_p = Path(workdir)
+    workdir_p = storage.path(workdir)
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     setup = experiment.prepare_data(config, workdir)
     tokenizer = experiment.load_tokenizer(setup)
@@ -431,7 +434,7 @@ def _run_stages(ctx: RunContext) -> TrainResult:
         try:
             return _run_stages_from(ctx, ctx.ckpt.latest_step())
         except CheckpointDamaged as e:
-            if e.step is None or not Path(e.where).is_relative_to(ctx.ckpt.directory / str(e.step)):
+            if e.step is None or not storage.path(e.where).is_relative_to(ctx.ckpt.directory / str(e.step)):
                 raise  # initial weights from elsewhere (config.init.*): not this run's to move
             ctx.ckpt.set_aside(e.step, "damaged", str(e))
 

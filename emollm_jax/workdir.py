@@ -18,6 +18,14 @@ starter killed in those few milliseconds is not guessed at: the error says which
 
 Multi-host runs: process 0 takes the lock for the whole run; every process learns the outcome at a barrier,
 so all refuse together.
+
+A workdir on an object store (`gs://bucket/run`) has the same lock, built from what a store offers
+(`data_pipeline.storage`): the lock and takeover objects are created with an if-not-exists precondition
+(GCS `ifGenerationMatch=0`, S3 `If-None-Match`), so of two starters exactly one creates each; the heartbeat
+uploads the lock again (after checking it still names this holder) and its age is the object's update time
+as the store reports it. Without a precondition (epath over TensorFlow's gfile, no fsspec implementation
+for the scheme) the create is check-then-write with a read-back, which refuses a second run started
+seconds later but not one started within the same second.
 """
 
 from __future__ import annotations
@@ -32,8 +40,11 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from data_pipeline import storage
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +99,10 @@ def _running_here(holder: Holder) -> bool:
     return start is None or not holder.started or start == holder.started
 
 
-def _read(path: Path) -> tuple[Holder | None, float]:
+def _read(path: Any) -> tuple[Holder | None, float]:
     """(holder, seconds since its last heartbeat); (None, 0) when there is no lock any more."""
     try:
-        text, mtime = path.read_text(), path.stat().st_mtime
+        text, mtime = path.read_text(), storage.mtime(path)
     except FileNotFoundError:
         return None, 0.0
     age = time.time() - mtime
@@ -110,39 +121,17 @@ def _stale(holder: Holder, age: float) -> str | None:
     return None
 
 
-def _create(path: Path, holder: Holder) -> bool:
-    """Atomically creates the lock naming `holder`; False if one exists."""
-    tmp = path.with_name(f".{path.name}.{holder.nonce}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(dataclasses.asdict(holder)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # a filesystem without hard links: exclusive create, then the content
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(tmp.read_text())
-            return True
-    finally:
-        tmp.unlink(missing_ok=True)
+def _create(path: Any, holder: Holder) -> bool:
+    """Atomically creates the lock naming `holder` (whole or not at all); False if one exists."""
+    return storage.create_exclusive(path, (json.dumps(dataclasses.asdict(holder)) + "\n").encode())
 
 
-def _take_over(path: Path, stale: Holder, why: str) -> None:
+def _take_over(path: Any, stale: Holder, why: str) -> None:
     """Removes the lock `stale` if it is still in place, racing safely with other starters (module doc)."""
     claim = path.with_name(f"{path.name}.{stale.nonce}.takeover")
-    try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
+    if not storage.create_exclusive(claim, b""):
         try:
-            claim_age = time.time() - claim.stat().st_mtime
+            claim_age = time.time() - storage.mtime(claim)
         except FileNotFoundError:
             return  # that takeover just finished
         if claim_age > 10:
@@ -162,7 +151,7 @@ def _take_over(path: Path, stale: Holder, why: str) -> None:
 class WorkdirLock:
     """A held lock: heartbeats until `release()` (also as a context manager)."""
 
-    def __init__(self, path: Path, holder: Holder):
+    def __init__(self, path: Any, holder: Holder):
         self.path, self.holder = path, holder
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="workdir-lock-heartbeat", daemon=True)
@@ -171,8 +160,12 @@ class WorkdirLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
-            except OSError:
+                if storage.is_remote(self.path):  # an upload: never over a lock another run took over
+                    current, _ = _read(self.path)
+                    if current is None or current.nonce != self.holder.nonce:
+                        continue
+                storage.touch(self.path)
+            except Exception:  # noqa: BLE001  (a failed beat is retried at the next one)
                 pass
 
     def release(self) -> None:
@@ -198,7 +191,7 @@ class _NotHeld:
 def acquire(workdir: str | os.PathLike, mode: str) -> WorkdirLock:
     """Takes `<workdir>/run.lock` for this process, taking over a stale one; `WorkdirBusy` if a live run
     holds it. `workdir` must exist."""
-    path = Path(workdir).absolute() / LOCK_NAME
+    path = storage.path(storage.absolute(workdir)) / LOCK_NAME
     me = Holder.me(mode)
     for _ in range(20):
         if _create(path, me):

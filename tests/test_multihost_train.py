@@ -46,9 +46,10 @@ def _tiny_config(**data):
 
 
 def _row_keys(batch: dict) -> list[bytes]:
-    """One hashable key per row: its tokens, loss mask and pixels."""
-    return [b"".join(np.ascontiguousarray(batch[k][i]).tobytes()
-                     for k in ("input_ids", "loss_mask", "pixel_values", "frame_media"))
+    """One hashable key per row: its tokens, loss mask, pixels and sound (voice records share their text)."""
+    keys = [k for k in ("input_ids", "loss_mask", "pixel_values", "frame_media", "audio_features",
+                        "audio_media") if k in batch]
+    return [b"".join(np.ascontiguousarray(batch[k][i]).tobytes() for k in keys)
             for i in range(batch["input_ids"].shape[0])]
 
 
@@ -57,7 +58,8 @@ def test_each_process_reads_its_half_of_every_global_batch(tmp_path):
     exactly the single-process batch's rows (as a multiset), and neither process sees the other's rows."""
     from emollm_jax import data, experiment
 
-    # 12 records x 6 tasks = 72 > 3 steps x 16 rows: one epoch, so no record may recur on both processes
+    # 12 records x 6 tasks (and voices) > 3 steps x 16 rows: one epoch, so no record may recur on both
+    # processes
     config = _tiny_config(mini_train_per_task=12, mini_test_per_task=1)
     setup = experiment.prepare_data(config, tmp_path)
     tokenizer = experiment.load_tokenizer(setup)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from data_pipeline import storage
 from emollm_jax import lora
 from emollm_jax.convert.core import path_str
 from emollm_jax.convert.hf import family_of
@@ -83,7 +84,7 @@ def save_hf(
         if fam.is_lm:
             gen = {"_from_model_config": True, **{k: config[k] for k in _GENERATION_KEYS if k in config}}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return Path(path)
+    return storage.path(path)
 
 
 # ------------------------------------------------------------------------------------------------- PEFT
@@ -150,4 +151,4 @@ def save_peft(model: nnx.Module, path: str | Path, *, dtype: str | None = None,
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / PEFT_WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(path)
+    return storage.path(path)

@@ -8,6 +8,8 @@ Layout of a directory written by `save_params` (what `python -m emollm_jax.conve
     <dir>/params/integrity.json   checksums of the arrays (`emollm_jax.integrity`), verified on load
     <dir>/.emollm_jax_output      the marker that lets `overwrite=True` replace this directory
 Restore onto any target sharding with an abstract pure dict of `jax.ShapeDtypeStruct(..., sharding=...)`.
+Any of these directories may be a URL (`gs://...`): orbax reads and writes there itself; an HF directory
+there is copied to local disk first (`storage.local_copy`: safetensors are opened by file name).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from data_pipeline import storage
 from emollm_jax import integrity
 from emollm_jax.convert.core import abstract_model
 from emollm_jax.convert.hf import families, load_hf
@@ -45,12 +48,12 @@ def save_params(model: nnx.Module, out: str | Path, *, family: str, hf_config: d
         (tmp / "hf_config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         meta = {"family": family, "dtype": dtype, "source": source}
         (tmp / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+    return storage.path(out)
 
 
 def load_params(path: str | Path, *, shardings: Any = None) -> nnx.Module:
     """Rebuilds the model saved by `save_params`. shardings: optional pure-dict pytree of Shardings."""
-    path = Path(path)
+    path = storage.path(path)
     try:
         meta = json.loads((path / "convert.json").read_text())
         hf_config = json.loads((path / "hf_config.json").read_text())
@@ -82,16 +85,16 @@ def load_params(path: str | Path, *, shardings: Any = None) -> nnx.Module:
 
 def is_converted(path: str | Path) -> bool:
     """Whether `path` is a directory `save_params` wrote."""
-    return (Path(path) / "convert.json").is_file()
+    return (storage.path(path) / "convert.json").is_file()
 
 
 def load_model_dir(path: str | Path, dtype: str | None = None) -> nnx.Module | None:
     """The model an HF directory (config.json) or a converted one (`save_params`: convert.json) holds, or
     None for any other path (e.g. an orbax params checkpoint, which needs a target model to restore into).
     `dtype` casts an HF directory's floating tensors; a converted one keeps the dtype it was written in."""
-    path = Path(path)
+    path = storage.path(path)
     if (path / "config.json").is_file():
-        return load_hf(path, dtype=dtype)
+        return load_hf(storage.local_copy(path), dtype=dtype)
     if is_converted(path):
         return load_params(path)
     return None
@@ -99,9 +102,9 @@ def load_model_dir(path: str | Path, dtype: str | None = None) -> nnx.Module | N
 
 def source_dir(path: str | Path) -> Path:
     """The HF directory a converted checkpoint was made from (its tokenizer lives there), else `path`."""
-    path = Path(path)
+    path = storage.path(path)
     if is_converted(path):
         source = json.loads((path / "convert.json").read_text()).get("source")
         if source:
-            return Path(source)
+            return storage.path(source)
     return path

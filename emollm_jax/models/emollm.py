@@ -427,17 +427,24 @@ class EmoLLM(nnx.Module):
         audio_features: jax.Array | None = None,
         audio_media: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
     ):
         """int32[B, T] (+ media, + sound) -> logits float32[B, T, V] (or hidden float[B, T, D] with
         return_hidden), or ``(out, new_cache)`` when a cache is passed (media go in with the prefill chunk;
-        decode steps pass ``pixel_values=None, audio_features=None``)."""
+        decode steps pass ``pixel_values=None, audio_features=None``).
+
+        Packed rows (several records per row, `data_pipeline.packing`): segment_ids int32[B, T] (1, 2, ...
+        per record, 0 = padding) keep attention within each record and positions int32[B, T] restart at 0
+        for each; frame_media / audio_media number a row's media across its records in token order, so the
+        j-th image token of a row still takes the row's j-th visual token."""
         embeds = self.embed_inputs(input_ids, pixel_values, frame_media, audio_features, audio_media)
         return self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             positions=positions,
+            segment_ids=segment_ids,
             cache=cache,
             return_hidden=return_hidden,
         )
