@@ -288,7 +288,9 @@ def main() -> int:
             figures["answers_identical_to_hf_float32"] = same
             print(f"ours in {args.dtype}: {same:.0%} of the answers have HF float32's token ids exactly")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+        from emollm_jax.eval_report import write_json
+
+        write_json(args.json, figures)  # atomically: a partial file is never left
     return 0
 
 
