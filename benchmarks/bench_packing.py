@@ -16,7 +16,7 @@ Useful tokens are the real tokens (visual and text) of the records a step trains
 before the timed steps. The ratios are packed over each bucketed peer measured in the same run.
 
 Also printed (no model): the fill of an evaluation prefill on the same mix, prompts (the records without
-their answers) in batches of 32 padded to power-of-two buckets (as evaluation does) vs packed into rows of
+their answers) in batches of 32 padded to evaluation's buckets (`data.eval_buckets`) vs packed into rows of
 2048 tokens.
 
     python benchmarks/bench_packing.py --rounds 2 --steps 4 --json packing.json
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS, MAX_LEN, VISUAL, TEXT, ANSWER, V, IMAGE_ID = 4, 2048, 576, (20, 300), 3, 32000, 4
 VARIANTS = {"packed": dict(packing=True), "bucketed": dict(seq_buckets=()),
             "bucketed_fine": dict(seq_buckets=(1024, 2048))}
-EVAL_BATCH, EVAL_BUCKETS = 32, (64, 128, 256, 512, 1024, 2048, 4096)
+EVAL_BATCH = 32
 
 
 def _config(variant: str):
@@ -130,18 +130,22 @@ def worker(variant: str, steps: int) -> dict:
 
 def eval_prefill_fill(n: int = 4096) -> dict[str, float]:
     """Fill (real / padded positions) of evaluation prefills on the mix: batches of EVAL_BATCH prompts left
-    padded to a power-of-two bucket, vs the same prompts packed into rows of MAX_LEN tokens (first fit)."""
+    padded to evaluation's buckets (`data.eval_buckets`), vs the same prompts packed into rows of MAX_LEN
+    tokens (first fit)."""
     import numpy as np
 
     from data_pipeline import packing
+    from emollm_jax import data, experiment
 
+    model_cfg = experiment.model_config(_config("bucketed"), vocab_size=V, image_token_id=IMAGE_ID)
+    buckets = data.eval_buckets(model_cfg, int(_config("bucketed").eval.max_new_tokens))
     rng = np.random.default_rng(0)
     prompts = VISUAL + rng.integers(TEXT[0], TEXT[1] + 1, n) - ANSWER
     real = bucketed = packed = 0
     for i in range(0, n - EVAL_BATCH + 1, EVAL_BATCH):
         batch = prompts[i:i + EVAL_BATCH]
         real += int(batch.sum())
-        bucketed += EVAL_BATCH * min(b for b in EVAL_BUCKETS if b >= batch.max())
+        bucketed += EVAL_BATCH * min(b for b in buckets if b >= batch.max())
         used: list[list[int]] = []
         for length in batch:
             if packing.first_fit(used, (int(length),), (MAX_LEN,)) is None:
@@ -194,7 +198,7 @@ def main() -> None:
     for v in names[1:]:
         print(f"packed_vs_{v}: {res.ratios[f'packed_vs_{v}']['value']:.2f}x useful tokens per second")
     fill = {k: res.figures[f"eval_prefill.{k}_fill"]["value"] for k in ("bucketed", "packed")}
-    print(f"evaluation prefill fill, batches of {EVAL_BATCH}: power-of-two buckets {fill['bucketed']:.3f}, "
+    print(f"evaluation prefill fill, batches of {EVAL_BATCH}: evaluation's buckets {fill['bucketed']:.3f}, "
           f"packed rows of {MAX_LEN} {fill['packed']:.3f} ({res.ratios['eval_prefill_fill']['value']:.2f}x)")
     if args.json:
         res.write(args.json, args, _env())

@@ -132,7 +132,8 @@ def _clip_l336(c: ml_collections.ConfigDict) -> None:
 
 def _pretrained_recipe(c: ml_collections.ConfigDict) -> None:
     """LLaVA's two-stage recipe at scale: projector alignment (lr 1e-3, batch 256), then projector + LLM
-    (lr 2e-5, batch 128), one epoch each, FSDP over every device, bf16 compute with fp32 master weights."""
+    (lr 2e-5, batch 128), one epoch each, FSDP over every device, bf16 compute with fp32 master weights;
+    evaluation and prediction in bf16 weights."""
     c.data.max_len = 2048
     c.data.num_frames = 8
     c.data.num_workers = 8
@@ -145,6 +146,7 @@ def _pretrained_recipe(c: ml_collections.ConfigDict) -> None:
     c.mesh.update(data=1, fsdp=-1)
     c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3, loss_chunk=512)
     c.plan.device_memory_gb = 80.0
+    c.eval.dtype = "bfloat16"  # the compute dtype training used, in half the weights' memory
 
 
 def _vicuna7b() -> ml_collections.ConfigDict:
@@ -179,6 +181,7 @@ def _vicuna7b() -> ml_collections.ConfigDict:
     c.stages.emotional.grad_accum = 1
     c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3, loss_chunk=512)
     c.plan.device_memory_gb = 80.0
+    c.eval.dtype = "bfloat16"  # the compute dtype training used, in half the weights' memory
     return c
 
 

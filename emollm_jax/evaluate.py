@@ -26,6 +26,7 @@ from data_pipeline.records import OBJECTIVE_TASKS
 from emollm_jax import eval_report
 from emollm_jax.answers import EMOBENCH_TASKS, OPEN_SET_TASKS, AnswerParser, load_synonyms, normalize
 from emollm_jax.configuration import Section
+from emollm_jax.models.parts import PartConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,14 @@ class EvalConfig(Section):
     control_split: str = ""    # blank-image control split; empty: `<eval_split>_blank` when present
     audio_control_split: str = ""  # silent-audio control split; empty: `<eval_split>_silent` when present
     synonyms: str = ""         # JSON file extending the answer parser's synonym table
+    dtype: str = "float32"     # weights and compute of eval and predict (every part; the loaded params cast)
 
     def check(self) -> None:
         for field in ("batch_size", "max_new_tokens"):
             if getattr(self, field) <= 0:
                 self.fail(field, "must be positive")
+        if self.dtype not in PartConfig.dtypes:
+            self.fail("dtype", f"unknown dtype; expected one of {PartConfig.dtypes}")
         if self.max_examples < 0:
             self.fail("max_examples", "must be >= 0 (0: every example)")
 
@@ -245,6 +249,31 @@ def decode_answer(ids: Sequence[int], tokenizer: Any, stop_ids: Iterable[int]) -
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "frame_media")
+# (media values, their slot -> item map): the slots of a batch row, real ones first, -1 for the unused rest
+_MEDIA_SLOTS = (("pixel_values", "frame_media"), ("audio_features", "audio_media"))
+
+
+def slots_needed(slots: np.ndarray) -> int:
+    """Slots of int[B, K] (real slots first, -1 after) that some row uses, rounded up to a power of two (so
+    few shapes compile), at least 1 and at most K."""
+    slots = np.asarray(slots)
+    used = int((slots >= 0).sum(axis=1).max(initial=0))
+    return min(slots.shape[1], 1 << max(used - 1, 0).bit_length())
+
+
+def trim_media(batch: Mapping[str, Any], keep: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """`batch` without the media slots no row uses: pixel_values float[B, K, S, S, 3] and frame_media
+    int32[B, K] cut to `slots_needed` slots, audio_features / audio_media likewise (with `keep`, only the
+    slot keys it names, to its counts: processes sharing a global batch agree on them).
+    The pipeline gives every row `data.num_frames` frame slots; a batch of images fills one, and the tower
+    would otherwise run on all B x K frames."""
+    out = dict(batch)
+    for values, slots in _MEDIA_SLOTS:
+        if out.get(slots) is None or out.get(values) is None or (keep is not None and slots not in keep):
+            continue
+        k = keep[slots] if keep is not None else slots_needed(out[slots])
+        out[values], out[slots] = np.asarray(out[values])[:, :k], np.asarray(out[slots])[:, :k]
+    return out
 
 
 def model_mesh(model: Any) -> Any:
@@ -268,12 +297,14 @@ def _aligned(batches: Iterable, mesh: Any, pad_id: int) -> Iterable[tuple[dict, 
     it = iter(batches)
     while True:
         item = next(it, None)
-        everyone = np.asarray(sharding.gather_json([item is not None, item[0]["input_ids"].shape[1]
-                                                    if item is not None else 0]))
+        mine = [item is not None, item[0]["input_ids"].shape[1] if item is not None else 0,
+                slots_needed(item[0]["frame_media"]) if item is not None else 1]
+        everyone = np.asarray(sharding.gather_json(mine))
         if not everyone[:, 0].any():
             return
         length = int(everyone[:, 1].max())
         batch, rows = item if item is not None else batches.padding(length)
+        batch = trim_media(batch, {"frame_media": int(everyone[:, 2].max())})
         pad = length - batch["input_ids"].shape[1]
         host = {k: np.asarray(batch[k]) for k in _MODEL_INPUTS}
         if pad:
@@ -301,7 +332,9 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
                      progress: bool = True) -> tuple[list[Mapping], list[str]]:
     """Greedy answers for every prompt of `batches` ((left-padded batch, metadata rows) pairs).
 
-    A batch may hold padding rows beyond its metadata (fixed shapes avoid recompiles); they are ignored.
+    A batch may hold padding rows beyond its metadata (fixed shapes avoid recompiles); they are ignored. Media
+    slots no row uses are cut first (`trim_media`). Each batch's tokens are read back once the next batch is
+    dispatched, so the pipeline makes the next batch while the device generates.
     `generate_fn` defaults to `emollm_jax.generate.generate`; it returns the new tokens `int32[B, N]`. When
     the model spans several devices (`model_mesh`), `batches` (a `pipeline.EvalBatches`) holds this
     process's prompts, each round's global batch gathers every process's, and this process's answers come
@@ -312,18 +345,28 @@ def generate_answers(model: Any, batches: Iterable[tuple[Mapping[str, np.ndarray
     if generate_fn is None:
         from emollm_jax.generate import generate as generate_fn
     mesh = model_mesh(model)
-    rounds = batches if mesh is None else _aligned(batches, mesh, tokenizer.pad_id)
+    rounds = (map(lambda item: (trim_media(item[0]), item[1]), batches) if mesh is None
+              else _aligned(batches, mesh, tokenizer.pad_id))
     metas: list[Mapping] = []
     answers: list[str] = []
+
+    def collect(out: Any, rows: Sequence[Mapping]) -> None:
+        for row, meta in zip(_host_tokens(out, mesh), rows, strict=False):
+            metas.append(meta)
+            answers.append(decode_answer(row, tokenizer, stop_ids))
+
+    pending = None  # the previous batch: its tokens are read after the next batch is dispatched
     for batch, rows in tqdm(rounds, total=total, desc=desc, unit="batch", disable=not progress):
         out = generate_fn(model, batch["input_ids"], batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), frame_media=batch.get("frame_media"),
                           audio_features=batch.get("audio_features"), audio_media=batch.get("audio_media"),
                           max_new_tokens=max_new_tokens, eos_id=tuple(int(t) for t in stop_ids),
                           pad_id=tokenizer.pad_id)
-        for row, meta in zip(_host_tokens(out, mesh), rows, strict=False):
-            metas.append(meta)
-            answers.append(decode_answer(row, tokenizer, stop_ids))
+        if pending is not None:
+            collect(*pending)
+        pending = out, rows
+    if pending is not None:
+        collect(*pending)
     return metas, answers
 
 
@@ -340,11 +383,26 @@ def gather_answers(metas: Sequence[Mapping], answers: Sequence[str]) -> tuple[li
 # ------------------------------------------------------------------------------------------- composition
 
 
+def eval_dtype(config: Any) -> str:
+    """`config.eval.dtype` (float32 for a config written before the key existed)."""
+    return str(config.eval.get("dtype", "float32"))
+
+
+def eval_model(config: Any, model: Any, *, donate: bool = False) -> Any:
+    """The model eval and predict run: `model` cast to `config.eval.dtype` (`cast_model`), logged."""
+    from emollm_jax.model_dtype import cast_model, param_dtypes
+
+    model = cast_model(model, eval_dtype(config), donate=donate)
+    log.info("eval weights and compute in %s (parameters per dtype: %s)", eval_dtype(config),
+             param_dtypes(model))
+    return model
+
+
 def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
                init_from: str | None = None) -> tuple[Any, str]:
-    """The model to evaluate, laid out on the configured mesh (`config.mesh`, `config.sharding_rules`), and
-    where its weights came from: `init_from` (HF dir or params checkpoint) if given, else the latest
-    checkpoint under `<workdir>/checkpoints`, restored straight onto the mesh."""
+    """The model to evaluate, laid out on the configured mesh (`config.mesh`, `config.sharding_rules`) in
+    `config.eval.dtype`, and where its weights came from: `init_from` (HF dir or params checkpoint) if given,
+    else the latest checkpoint under `<workdir>/checkpoints`, restored straight onto the mesh."""
     import jax
     from flax import nnx
 
@@ -361,7 +419,7 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
         model = experiment.new_model(model_cfg, int(config.seed))
         experiment.load_initial_weights(config, model, init_from)
         params = jax.device_put(nnx.state(model, nnx.Param), shardings)
-        return nnx.merge(graphdef, params, rest), str(init_from)
+        return eval_model(config, nnx.merge(graphdef, params, rest), donate=True), str(init_from)
     from emollm_jax.checkpoint import Checkpointer, restore_latest_params
 
     ckpt_dir = storage.path(workdir) / "checkpoints"
@@ -373,7 +431,7 @@ def load_model(config: Any, workdir: str | os.PathLike, tokenizer: Any,
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate; train first (--mode=train) or pass "
                                 "--init_from=<HF dir or params checkpoint>")
     step, params = restore_latest_params(ckpt_dir, abstract, shardings)  # the newest step that verifies
-    return nnx.merge(graphdef, params, rest), f"{ckpt_dir} step {step}"
+    return eval_model(config, nnx.merge(graphdef, params, rest), donate=True), f"{ckpt_dir} step {step}"
 
 
 def eval_batch_size(config: Any, model: Any, process_count: int = 1) -> int:
@@ -458,17 +516,21 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
 
     With several processes each generates answers for its share of the records
     (`[process_index::process_count]`) and the answers are gathered: the results are those of one process.
-    `model`/`tokenizer` skip loading (e.g. right after training). Returns the results.json content.
+    `model`/`tokenizer` skip loading (e.g. right after training). The weights are cast to `config.eval.dtype`
+    first; results.json records it (`dtype`) and the parameter count per dtype of the weights evaluated
+    (`param_dtypes`). Returns the results.json content.
     """
     import jax
 
-    from emollm_jax import data, emoprompt, experiment
+    from emollm_jax import data, emoprompt, experiment, model_dtype
 
     setup = experiment.prepare_data(config, workdir)
     tokenizer = tokenizer or experiment.load_tokenizer(setup)
     checkpoint = "in-memory model"
     if model is None:
         model, checkpoint = load_model(config, workdir, tokenizer, init_from)
+    else:
+        model = eval_model(config, model)
     default_splits, control, silent = eval_splits(config, setup.root)
     splits = list(splits) if splits is not None else default_splits
     prefix = emoprompt.from_config(config, setup.root, workdir)
@@ -494,6 +556,7 @@ def run_eval(config: Any, workdir: str | os.PathLike, *, model: Any = None, toke
     results = assemble_results(per_split, splits[0], control if control != splits[0] else None,
                                checkpoint=checkpoint,
                                audio_control_split=silent if silent != splits[0] else None)
+    results.update(dtype=eval_dtype(config), param_dtypes=model_dtype.param_dtypes(model))
     if jax.process_index() == 0:
         write_outputs(out_dir or storage.join(workdir, "eval"), results, predictions)
     return results

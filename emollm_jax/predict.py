@@ -159,14 +159,17 @@ def run_predict(config: Any, workdir: str | os.PathLike, *, image: str | None = 
                 init_from: str | None = None, out: str | None = None, model: Any = None,
                 tokenizer: Any = None) -> list[dict[str, Any]]:
     """Prints each answer (and parsed label when a task is known); JSONL mode also writes the rows to `out`
-    (default `<workdir>/predict/outputs.jsonl`). Weights: `init_from`, else the latest checkpoint."""
+    (default `<workdir>/predict/outputs.jsonl`). Weights: `init_from`, else the latest checkpoint, in
+    `config.eval.dtype`."""
     from emollm_jax import eval_report, evaluate, experiment
 
     check_request(question=question, jsonl=jsonl, image=image, video=video, audio=audio)
     setup = experiment.prepare_data(config, workdir)
     tokenizer = tokenizer or experiment.load_tokenizer(setup)
     if model is None:
-        model, _ = evaluate.load_model(config, workdir, tokenizer, init_from)
+        model, _ = evaluate.load_model(config, workdir, tokenizer, init_from)  # in config.eval.dtype
+    else:
+        model = evaluate.eval_model(config, model)
     if jsonl:
         records, root = read_requests(jsonl), Path(jsonl).resolve().parent
     else:

@@ -117,6 +117,8 @@ SMALLEST = {
     "bench_audio.py": (["--rounds", "1", "--reps", "1"], ["frontend_30s", "frontend_8x30s", "encoder"]),
     "bench_packing.py": (["--rounds", "1", "--steps", "1"],
                          ["packed_vs_bucketed", "packed_vs_bucketed_fine", "eval_prefill_fill"]),
+    "bench_eval.py": (["--records_per_task", "1", "--batch", "2", "--new_tokens", "2", "--rounds", "1",
+                       "--reps", "1"], ["eval_vs_hf_generate"]),
 }
 
 
