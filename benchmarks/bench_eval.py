@@ -236,7 +236,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], res: Results) 
     res.figure("ours.first_pass_s", figures["jax_first_call_s"], "s", "first run_eval pass (compiles)")
     res.ratio("eval_vs_hf_generate", "ours.samples_per_s", "hf.samples_per_s",
               "HF LlavaForConditionalGeneration.generate, batched the same way")
-    print(f"{n} records, batch {args.batch}, prompts {sorted(set(figures['prompt_lengths']))} tokens, "
+    print(f"{n} records, batch {args.batch}, prompts {sorted(set(runs['jax'][0]['lengths']))} tokens, "
           f"{args.new_tokens} new tokens, greedy, ours in {args.dtype}; medians over {args.rounds} x "
           f"{args.reps} passes per side")
     print(f"{'run_eval samples/s':>19} {'HF generate samples/s':>22} {'ratio':>6} {'ours first pass s':>18}")
@@ -277,12 +277,15 @@ def main() -> int:
         data, tok_path = make_records(tmp, args.records_per_task)
         tok = load_tokenizer(tok_path)
         make_llava(tmp / "llava", tok.image_token_id, tok.pad_id)
-        args.model_dir, args.data, args.tokenizer = tmp / "llava", data, tok_path
-        args.work, args.batches = tmp / "work", tmp / "batches.npz"
+        # the workers' inputs, in this run's temporary directory (not among the arguments the JSON records)
+        inputs = argparse.Namespace(**{**vars(args), "model_dir": tmp / "llava", "data": data,
+                                       "tokenizer": tok_path, "work": tmp / "work",
+                                       "batches": tmp / "batches.npz"})
         runs: dict[str, list[dict]] = {"jax": [], "torch": []}
         for i in range(args.rounds):
-            runs["jax"].append(spawn("jax", args, **({"save_batches": str(args.batches)} if i == 0 else {})))
-            runs["torch"].append(spawn("torch", args))
+            save = {"save_batches": str(inputs.batches)} if i == 0 else {}
+            runs["jax"].append(spawn("jax", inputs, **save))
+            runs["torch"].append(spawn("torch", inputs))
         if args.dtype == "float32":
             check_tokens(runs)
         res = Results(__file__)
