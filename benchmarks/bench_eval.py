@@ -236,7 +236,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], res: Results) 
     res.figure("ours.first_pass_s", figures["jax_first_call_s"], "s", "first run_eval pass (compiles)")
     res.ratio("eval_vs_hf_generate", "ours.samples_per_s", "hf.samples_per_s",
               "HF LlavaForConditionalGeneration.generate, batched the same way")
-    print(f"{n} records, batch {args.batch}, prompts {sorted(set(runs['jax'][0]['lengths']))} tokens, "
+    print(f"{n} records, batch {args.batch}, prompts {sorted(set(res.details['prompt_lengths']))} tokens, "
           f"{args.new_tokens} new tokens, greedy, ours in {args.dtype}; medians over {args.rounds} x "
           f"{args.reps} passes per side")
     print(f"{'run_eval samples/s':>19} {'HF generate samples/s':>22} {'ratio':>6} {'ours first pass s':>18}")

@@ -106,7 +106,8 @@ class Results:
         """Writes the JSON file atomically; `env` is the environment the measuring processes ran with (the
         JAX backend is probed under it). Returns what was written."""
         report = self.as_dict(args, machine(env))
-        atomic_write(path, lambda f: f.write(json.dumps(report, indent=2, allow_nan=False) + "\n"))
+        text = json.dumps(report, indent=2, allow_nan=False, default=str) + "\n"  # paths as text
+        atomic_write(path, lambda f: f.write(text))
         return report
 
 
