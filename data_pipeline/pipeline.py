@@ -591,6 +591,10 @@ class EvalBatches:
                  "attention_mask": np.zeros((b, length), np.int32),
                  "pixel_values": np.zeros((b, k, size, size, 3), np.float32),
                  "frame_media": np.full((b, k), -1, np.int32), "valid": np.zeros(b, bool)}
+        if spec.audio_mels:  # the sound slots every batch of a model with an audio tower carries
+            a = spec.audio_windows
+            batch["audio_features"] = np.zeros((b, a, spec.audio_mels, spec.audio_frames), np.float32)
+            batch["audio_media"] = np.full((b, a), -1, np.int32)
         return batch, []
 
     def __iter__(self) -> EvalBatches:

@@ -249,6 +249,7 @@ def decode_answer(ids: Sequence[int], tokenizer: Any, stop_ids: Iterable[int]) -
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "frame_media")
+_AUDIO_INPUTS = ("audio_features", "audio_media")  # in every batch of a model with an audio tower
 # (media values, their slot -> item map): the slots of a batch row, real ones first, -1 for the unused rest
 _MEDIA_SLOTS = (("pixel_values", "frame_media"), ("audio_features", "audio_media"))
 
@@ -306,7 +307,7 @@ def _aligned(batches: Iterable, mesh: Any, pad_id: int) -> Iterable[tuple[dict, 
         batch, rows = item if item is not None else batches.padding(length)
         batch = trim_media(batch, {"frame_media": int(everyone[:, 2].max())})
         pad = length - batch["input_ids"].shape[1]
-        host = {k: np.asarray(batch[k]) for k in _MODEL_INPUTS}
+        host = {k: np.asarray(batch[k]) for k in _MODEL_INPUTS + _AUDIO_INPUTS if k in batch}
         if pad:
             host["input_ids"] = np.pad(host["input_ids"], ((0, 0), (pad, 0)), constant_values=pad_id)
             host["attention_mask"] = np.pad(host["attention_mask"], ((0, 0), (pad, 0)))

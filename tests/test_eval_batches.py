@@ -68,3 +68,23 @@ def test_cutting_unused_media_slots_leaves_the_answers_as_they_were(tiny):
                        for b in (batch, trimmed))
         np.testing.assert_array_equal(short, full)
     assert cut  # image batches ran their tower on one frame slot instead of data.num_frames
+
+
+def test_batches_aligned_for_a_mesh_keep_their_sound():
+    """On a mesh of several devices evaluation sends each batch through `_aligned`: the sound and its slot
+    map reach the model there too, and a process's padding round carries empty sound slots."""
+    import numpy as np
+
+    from emollm_jax import evaluate, sharding
+
+    mesh = sharding.make_mesh({"data": -1})
+    rows = mesh.size
+    batch = {"input_ids": np.ones((rows, 6), np.int32), "attention_mask": np.ones((rows, 6), np.int32),
+             "pixel_values": np.zeros((rows, 1, 4, 4, 3), np.float32),
+             "frame_media": np.full((rows, 1), -1, np.int32),
+             "audio_features": np.arange(rows * 2 * 3, dtype=np.float32).reshape(rows, 1, 2, 3),
+             "audio_media": np.zeros((rows, 1), np.int32), "valid": np.ones(rows, bool)}
+    (global_batch, metas), = list(evaluate._aligned([(batch, ["m"])], mesh, pad_id=0))
+    assert metas == ["m"]
+    np.testing.assert_array_equal(np.asarray(global_batch["audio_features"]), batch["audio_features"])
+    np.testing.assert_array_equal(np.asarray(global_batch["audio_media"]), batch["audio_media"])
