@@ -183,3 +183,34 @@ def test_the_pipeline_reads_pixels_the_siglip_way(tmp_path):
     want = np.asarray(Image.fromarray(img).resize((28, 28), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1
     np.testing.assert_allclose(pixels[0], want, atol=1e-5)
     assert pixels.shape == (1, 28, 28, 3)
+
+
+def test_scanned_siglip_matches_transformers_and_exports_back(tmp_path):
+    """`scan_layers=True` on a SigLIP tower (CLIP's encoder blocks, stacked): every hidden state within 1e-4
+    of transformers, and the export of the stacked layers loads back into transformers unchanged."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from emollm_jax.convert import load_hf, save_hf
+
+    cfg = transformers.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=3, num_attention_heads=4)
+    torch.manual_seed(0)
+    hf = transformers.SiglipVisionModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    x = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor(x).permute(0, 3, 1, 2), output_hidden_states=True)
+    ours = load_hf(tmp_path / "hf", scan_layers=True)
+    assert ours.config.scan_layers
+    out = ours(x)
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.pooled), ref.pooler_output.numpy(), atol=1e-4)
+    save_hf(ours, tmp_path / "back")
+    back = transformers.SiglipVisionModel.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        again = back(torch.tensor(x).permute(0, 3, 1, 2)).last_hidden_state
+    np.testing.assert_allclose(again.numpy(), ref.last_hidden_state.numpy(), atol=1e-5)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emollm_jax.models import layers
+from emollm_jax import sharding
+from emollm_jax.models import attention, clip, layers, stack
 from emollm_jax.models.parts import KeyRow, Preprocessing, TowerOutput, VisionTowerConfig, vision_tower
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -48,9 +49,12 @@ class SiglipConfig(VisionTowerConfig):
     image_mode: str = "resize"  # pixels: "resize" (SiglipImageProcessor), "pad" or "crop" (see media.py)
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # rematerialise each layer in the backward pass
+    remat_policy: str = "full"  # with remat: what a layer keeps (models.stack.REMAT_POLICIES)
+    scan_layers: bool = False  # one scanned layer over stacked params (models.stack) instead of a loop
+    attention: str = "auto"  # auto | plain | blockwise | cudnn (models.attention)
 
-    logical_axes = ("vit_embed", "vit_mlp", "vit_heads", "vit_pos", "norm")
+    logical_axes = ("vit_embed", "vit_mlp", "vit_heads", "vit_pos", "norm", "layers")
     hf_model_types = ("siglip_vision_model", "siglip")
     hf_prefixes = ("", "vision_model.", "vision_tower.vision_model.", "vision_tower.")
     hf_probe_key = "embeddings.patch_embedding.weight"
@@ -64,6 +68,10 @@ class SiglipConfig(VisionTowerConfig):
             self.fail("image_size", f"smaller than one patch ({self.patch_size})")
         if self.image_mode not in IMAGE_MODES:
             self.fail("image_mode", f"expected one of {IMAGE_MODES}")
+        if self.remat_policy not in stack.REMAT_POLICIES:
+            self.fail("remat_policy", f"expected one of {tuple(stack.REMAT_POLICIES)}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            self.fail("attention", f"expected one of {attention.IMPLEMENTATIONS}")
 
     @property
     def grid_size(self) -> int:
@@ -242,50 +250,6 @@ class SiglipVisionEmbeddings(nnx.Module):
         return x + self.position_embedding.embedding[...].astype(x.dtype)[None]
 
 
-class SiglipAttention(nnx.Module):
-    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.q_proj = _linear(cfg, d, d, ("vit_embed", "vit_heads"), rngs)
-        self.k_proj = _linear(cfg, d, d, ("vit_embed", "vit_heads"), rngs)
-        self.v_proj = _linear(cfg, d, d, ("vit_embed", "vit_heads"), rngs)
-        self.out_proj = _linear(cfg, d, d, ("vit_heads", "vit_embed"), rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n, t, d = x.shape
-        heads = lambda y: y.reshape(n, t, self.num_heads, d // self.num_heads)
-        out = layers.dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
-                                           heads(self.v_proj(x)), 0.0)
-        return self.out_proj(out.reshape(n, t, d))
-
-
-class SiglipMLP(nnx.Module):
-    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
-        self.act = cfg.hidden_act
-        self.fc1 = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("vit_embed", "vit_mlp"), rngs)
-        self.fc2 = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("vit_mlp", "vit_embed"), rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(layers.activation(self.act)(self.fc1(x)))
-
-
-class SiglipEncoderLayer(nnx.Module):
-    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
-        self.layer_norm1 = _layer_norm(cfg, rngs)
-        self.self_attn = SiglipAttention(cfg, rngs=rngs)
-        self.layer_norm2 = _layer_norm(cfg, rngs)
-        self.mlp = SiglipMLP(cfg, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class SiglipEncoder(nnx.Module):
-    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([SiglipEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-
-
 class SiglipPoolingAttention(nnx.Module):
     """torch.nn.MultiheadAttention of one probe query over the tokens, q|k|v projections fused."""
 
@@ -318,7 +282,7 @@ class SiglipPoolingHead(nnx.Module):
                                out_sharding=(None, None, "vit_embed"))
         self.attention = SiglipPoolingAttention(cfg, rngs=rngs)
         self.layernorm = _layer_norm(cfg, rngs)
-        self.mlp = SiglipMLP(cfg, rngs=rngs)
+        self.mlp = clip.CLIPMLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float[N, P, D] (post-layernormed tokens) -> float[N, D]."""
@@ -328,10 +292,6 @@ class SiglipPoolingHead(nnx.Module):
         return h[:, 0]
 
 
-def _run_layer(layer: SiglipEncoderLayer, x: jax.Array) -> jax.Array:
-    return layer(x)
-
-
 class SiglipVisionTransformer(nnx.Module):
     """HF `SiglipVisionModel`: pixels float[N, H, W, C] -> `TowerOutput` (hidden states before
     `post_layernorm`, as HF returns them; pooled = the head's output, None without a head)."""
@@ -339,16 +299,24 @@ class SiglipVisionTransformer(nnx.Module):
     def __init__(self, config: SiglipConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = SiglipVisionEmbeddings(config, rngs=rngs)
-        self.encoder = SiglipEncoder(config, rngs=rngs)
+        # The encoder blocks are CLIP's (pre-LN, the configured activation): same parameter paths, scan,
+        # remat policy, attention implementation and activation sharding.
+        self.encoder = clip.CLIPEncoder(config, rngs=rngs)
         self.post_layernorm = _layer_norm(config, rngs)
         self.head = SiglipPoolingHead(config, rngs=rngs) if config.use_head else None
 
     def __call__(self, pixel_values: jax.Array) -> TowerOutput:
-        x = self.embeddings(pixel_values)
-        run = nnx.remat(_run_layer) if self.config.remat else _run_layer
-        hidden = [x]
-        for layer in self.encoder.layers:
-            x = run(layer, x)
-            hidden.append(x)
-        pooled = self.head(self.post_layernorm(x)) if self.head is not None else None
-        return TowerOutput(tuple(hidden), pooled)
+        cfg = self.config
+        x = sharding.constrain(self.embeddings(pixel_values), ("batch", "length", "vit_embed"))
+        t = x.shape[1]
+        mask = attention.prepare(attention.AttentionMask(), cfg.attention, dtype=cfg.dtype,
+                                 head_dim=cfg.hidden_size // cfg.num_heads, t=t, s=t)
+
+        def body(layer, x, i):
+            x = layer(x, mask)
+            return x, x
+
+        out, per_layer = stack.run(self.encoder.layers, body, x, remat=cfg.remat, policy=cfg.remat_policy,
+                                   collect=True)
+        pooled = self.head(self.post_layernorm(out)) if self.head is not None else None
+        return TowerOutput((x, *per_layer), pooled)
