@@ -163,25 +163,13 @@ def _vicuna7b() -> ml_collections.ConfigDict:
     c.model.video_pooling = "mean"  # 8 frames x 576 tokens would not fit 2048 tokens
     # Vicuna's tokenizer has no <image> token: as original LLaVA does, mark image positions with an id
     # outside the vocabulary (never embedded). A llava-hf tokenizer has one (id 32000) and it wins; its
-    # checkpoint has 32064 embedding rows: pass --config.model.text.vocab_size=32064 with it.
+    # checkpoint has 32064 embedding rows, which config.init.hf / init.llm read from its own config.
     c.model.image_token_id = -200
-    c.data.max_len = 2048
-    c.data.num_frames = 8
-    c.data.num_workers = 8
-    c.stages.objective = StageConfig.defaults(
-        name="objective", tasks=OBJECTIVE_TASKS, trainable=("projector",), lr=1e-3, epochs=1.0,
-        batch_size=256)
-    c.stages.emotional = StageConfig.defaults(
-        name="emotional", tasks=EMOTION_TASKS, trainable=("projector", "llm"), lr=2e-5, epochs=1.0,
-        batch_size=128)
-    c.mesh.update(data=1, fsdp=-1)
+    _pretrained_recipe(c)
     # `--mode=plan` on 8 devices (fsdp 8): the LLaVA-1.5 stage-2 batch in one micro-batch needs ~65 GiB per
     # device with blockwise attention (~79 GiB with plain attention's [B, H, T, T] probabilities, which
     # took two micro-batches). The loss is computed in chunks of 512 positions.
     c.stages.emotional.grad_accum = 1
-    c.train.update(log_every=10, checkpoint_every=1000, max_to_keep=3, loss_chunk=512)
-    c.plan.device_memory_gb = 80.0
-    c.eval.dtype = "bfloat16"  # the compute dtype training used, in half the weights' memory
     return c
 
 
