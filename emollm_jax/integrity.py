@@ -96,13 +96,24 @@ def digests(tree: Any, dtypes: Mapping[str, str] | None = None) -> dict[str, Dig
     a leaf was saved in when it was restored as another (the digest is of the saved representation)."""
     leaves = {k: v for k, v in flat_leaves(tree).items() if hasattr(v, "dtype")}
     dtypes = dtypes or {}
-    pending = {k: _digest(jnp.asarray(v), as_dtype=_as_dtype(dtypes.get(k), v)) for k, v in leaves.items()}
+    if not leaves:
+        return {}
+    keys = list(leaves)
+    # One program for the whole tree: on a pod every process launches the same single computation (many
+    # small cross-process launches in a row could interleave with other collectives and hang on gloo).
+    lanes = _host(_digest_all([jnp.asarray(leaves[k]) for k in keys],
+                              tuple(_as_dtype(dtypes.get(k), leaves[k]) for k in keys)))
     out = {}
-    for k, d in pending.items():
-        lanes = _host(d)
+    for k, row in zip(keys, lanes, strict=True):
         dtype = dtypes.get(k) or str(leaves[k].dtype)
-        out[k] = (f"{int(lanes[0]):08x}{int(lanes[1]):08x}", dtype, list(np.shape(leaves[k])), bool(lanes[2]))
+        out[k] = (f"{int(row[0]):08x}{int(row[1]):08x}", dtype, list(np.shape(leaves[k])), bool(row[2]))
     return out
+
+
+@functools.partial(jax.jit, static_argnames="as_dtypes")
+def _digest_all(xs: list[jax.Array], as_dtypes: tuple[Any, ...]) -> jax.Array:
+    """uint32[N, 3]: `_digest` of each of the N arrays, in one computation."""
+    return jnp.stack([_digest(x, d) for x, d in zip(xs, as_dtypes, strict=True)])
 
 
 def _as_dtype(saved: str | None, leaf: Any) -> Any:

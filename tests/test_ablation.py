@@ -192,11 +192,15 @@ def test_reduced_foundations_through_the_cli(tmp_path):
     runs = {(r["foundation"], r["variant"], r["seed"]): r for r in saved["runs"]}
     assert runs["clip_mistral", "mvp_emoprompt", 0]["template"] == DECODERS.get("mistral").chat_template
     assert runs["clip_mistral", "mvp_emoprompt", 0]["m"] == 1 and runs["clip_llama", "base", 1]["m"] == 0
-    # each run's tokenizer knows its decoder's template: [INST] and <<SYS>> are words, not <unk>
-    from data_pipeline.text import UNK, load_tokenizer
+    # each run's tokenizer knows its decoder's template: mistral_instruct's [INST] ... [/INST] are words, not
+    # <unk>
+    from data_pipeline.text import UNK, get_template, load_tokenizer
 
+    tmpl = get_template(DECODERS.get("mistral").chat_template)
+    scaffold = "".join(p.text for p in tmpl.render(tmpl.system, [("question", "answer")], False))
+    assert "[INST]" in scaffold and "[/INST]" in scaffold
     tok = load_tokenizer(str(tmp_path / "clip_mistral" / "base" / "seed0" / "tokenizer"))
-    assert tok.token_to_id(UNK) not in tok.encode("[INST] <<SYS>>\nYou are a helpful language [/INST]")
+    assert tok.token_to_id(UNK) not in tok.encode(scaffold)
     # the seed is a real axis: the two seeds start from different weights
     loss = [json.loads((tmp_path / "clip_llama" / "base" / f"seed{s}" / "metrics.jsonl").read_text()
                        .splitlines()[0])["loss"] for s in (0, 1)]

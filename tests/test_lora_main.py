@@ -20,7 +20,8 @@ from tests.cli_setup import FAST
 LORA = ("--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.lora.dropout=0.1",
         "--config.lora.vision_targets=('q_proj', 'v_proj')",
         "--config.stages.emotional.trainable=('lora', 'projector')")
-LLAVA = ("--config.model.projector.kind=mlp2x_gelu",)  # a projector with an HF form: the model is a Llava
+# A projector with an HF form and no audio tower (HF Llava has none): the model is a Llava.
+LLAVA = ("--config.model.projector.kind=mlp2x_gelu", "--config.model.audio.kind=none")
 
 
 @pytest.fixture(scope="module")
