@@ -31,6 +31,21 @@ def env() -> dict[str, str]:
     return out
 
 
+# The test session's compilation cache (tests/conftest.py), the only JAX_* settings a pod's processes keep.
+_CACHE_VARS = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
+
+
+def pod_env(devices: int, **extra: str) -> dict[str, str]:
+    """A process of a simulated pod: `devices` CPU devices and none of the JAX_ / SLURM_ / XLA_ settings of
+    this shell (the coordinator comes from flags), but the session's compilation cache."""
+    out = {k: v for k, v in os.environ.items()
+           if k.startswith(_CACHE_VARS) or not k.startswith(("JAX_", "SLURM_", "XLA_"))}
+    out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    return out
+
+
 def run(module: str, *args: str, cwd: Path, timeout: int = 900,
         check: bool = True) -> subprocess.CompletedProcess:
     """`python -m module args...`; with `check`, a non-zero exit fails the test showing stderr's tail."""

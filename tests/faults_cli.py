@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from tests.cli_setup import pod_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT / 'configs' / 'emobench.py'}:tiny"
@@ -48,11 +49,7 @@ def main_cmd(workdir: Path, data: tuple[Path, Path] | None, *extra: str, mode: s
 
 
 def env(devices: int = 1) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))}
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return e
+    return pod_env(devices)
 
 
 def run(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ only its own rows through `global_batch`, runs jitted AdamW steps of a tiny LLaM
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.cli_setup import pod_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -97,14 +98,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))}
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(REPO),
-        **extra,
-    )
-    return env
+    return pod_env(devices, **extra)
 
 
 def _result(out: str) -> dict:

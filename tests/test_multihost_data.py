@@ -3,7 +3,6 @@ count included) saved and restored. The end-to-end tests run `python -m emollm_j
 CPU devices (jax.distributed + gloo), as tests/test_multihost_train.py does."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.cli_setup import pod_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = [
@@ -54,10 +55,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    return env
+    return pod_env(devices)
 
 
 def _main(workdir: Path, *args: str) -> list[str]:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.cli_setup import pod_env
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3  # per stage
 OVERRIDES = [
@@ -93,12 +95,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    return env
+    return pod_env(devices)
 
 
 def _train_cmd(workdir: Path, *extra: str) -> list[str]:
