@@ -227,7 +227,7 @@ class Mirror:
     def __init__(self, target: PathLike, *, interval: float = 30.0, directory: bool = False):
         self.target, self.interval = os.fspath(target), interval
         self.remote = is_remote(self.target)
-        self._last = 0.0
+        self._last: float | None = None  # monotonic time of the last upload (the clock starts at boot)
         if not self.remote:
             self.local = self.target
             return
@@ -243,7 +243,7 @@ class Mirror:
         if not self.remote or not os.path.exists(self.local):
             return
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
+        if not force and self._last is not None and now - self._last < self.interval:
             return
         self._last = now
         copy_tree(self.local, self.target)

@@ -17,3 +17,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bounded
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest test files first. `pytest -n 2 --dist loadfile` hands whole files to the two workers in
+    collection order (pyproject sets `--no-loadscope-reorder`, which would otherwise put files with many
+    quick tests first): a multi-minute file collected last would run alone at the end. A file weighs the
+    `minutes` of its slow tests' markers (`@pytest.mark.slow(minutes=12)`; 1 when not given)."""
+    weight: dict = {}
+    for item in items:
+        mark = item.get_closest_marker("slow")
+        if mark is not None:
+            weight[item.path] = weight.get(item.path, 0) + mark.kwargs.get("minutes", 1)
+    items.sort(key=lambda item: -weight.get(item.path, 0))  # stable: each file's tests keep their order
