@@ -5,8 +5,9 @@ numbers (NaN, 2e38) without an error. So every saved array gets a 64-bit digest,
 restore recomputes the digests of what it read and compares. The digest is two 32-bit lanes, each the sum over
 elements of a bijective mix (murmur3's finaliser) of the element's bits and its flat index: a changed element
 always changes both sums, moved or several changed elements change them but with probability 2^-64.
-It runs as one jitted pass per array on the array's own sharding (an exact integer sum, so the same on any
-mesh and any number of processes); only 12 bytes per array reach the host.
+It runs as one jitted program over every array of a tree, each on its own sharding (an exact integer sum, so
+the same on any mesh and any number of processes; one launch, so a pod's processes cannot interleave it with
+other collectives); only 12 bytes per array reach the host.
 
 A record is `{"format": 1, "<item>": {path: [digest hex, dtype, shape]}, ...}` (paths as `pytree.path_str`).
 """
@@ -99,8 +100,8 @@ def digests(tree: Any, dtypes: Mapping[str, str] | None = None) -> dict[str, Dig
     if not leaves:
         return {}
     keys = list(leaves)
-    # One program for the whole tree: on a pod every process launches the same single computation (many
-    # small cross-process launches in a row could interleave with other collectives and hang on gloo).
+    # One program for the whole tree: a run of small cross-process launches, one per array, hung two
+    # processes on gloo (both waiting in the same array's launch).
     lanes = _host(_digest_all([jnp.asarray(leaves[k]) for k in keys],
                               tuple(_as_dtype(dtypes.get(k), leaves[k]) for k in keys)))
     out = {}
